@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Each creates .venv with Python >= 3.12 and installs clx with its dev extra first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/digits_default
+
+# Find a Python >= 3.12: $PYTHON, python3.12/3.13 on PATH, or a pyenv-installed one.
+PYTHON ?= $(shell for c in python3.12 python3.13 python3; do \
+    if command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$c; exit; fi; done; \
+    for p in $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3; do [ -x $$p ] && echo $$p && exit; done)
+
+.PHONY: venv demo test pmnist bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: clx needs Python >= 3.12; install it or pass PYTHON=/path/to/python3.12" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m experiments.main --config experiments/configs/digits_default.py --workdir $(WORKDIR)
+
+test: venv
+	$(PY) -m pytest -q -n 2 tests
+
+pmnist: venv
+	$(PY) -m experiments.main --config experiments/configs/pmnist_gpm.py --workdir runs/pmnist_gpm
+
+bench: venv
+	$(PY) benchmarks/projection_overhead.py
+
+clean:
+	rm -rf $(VENV) runs
