@@ -1,0 +1,885 @@
+"""Data sources and continual-learning task streams (numpy only).
+
+Two layers:
+
+* A :class:`Source` is one image-classification dataset, whole and in memory:
+  ``x_*`` float32 ``(N, H, W, C)`` already normalised, ``y_*`` int32 ``(N,)`` in
+  ``[0, num_classes)``. :func:`load_source` builds one from
+
+  - ``"digits"`` -- scikit-learn's bundled 8x8 digits (1,797 real images); a fixed
+    stratified 80/20 train/test split. The embedded default: no files needed.
+  - ``"mnist"`` -- the four original MNIST IDX ``.gz`` files in ``data_dir``,
+    checked (header, lengths, optional ``SHA256SUMS``) and normalised like the
+    GPM / PyTorch reference code, ``(x / 255 - 0.1307) / 0.3081``.
+  - any other name -- a TensorFlow Datasets dataset read through
+    ``tfds.data_source`` (random access, no TensorFlow needed once prepared).
+
+* A :class:`TaskStream` is a sequence of :class:`Task` s made from a source,
+  deterministic from a seed, each task built lazily by ``stream.task(t)``.
+  :func:`make_stream` knows four kinds, named after the benchmarks of the field
+  and the scenarios of van de Ven & Tolias (2019), "Three scenarios for continual
+  learning" (arXiv:1904.07734):
+
+  ==================  ===========  =====================================================
+  kind                scenario     what changes between tasks
+  ==================  ===========  =====================================================
+  ``permuted``        domain_il    a fixed random pixel permutation per task
+                                   (Permuted MNIST, Goodfellow et al. 2013, "An empirical
+                                   investigation of catastrophic forgetting...")
+  ``rotated``         domain_il    every image rotated by ``t * max_angle / num_tasks``
+                                   degrees (Rotated MNIST, Lopez-Paz & Ranzato 2017, GEM)
+  ``split_task_il``   task_il      a disjoint group of classes; labels 0..k-1 inside the
+                                   task, one head per task (Split MNIST, Zenke et al.
+                                   2017, "Continual learning through synaptic
+                                   intelligence")
+  ``split_class_il``  class_il     the same groups; one shared head over all classes
+  ==================  ===========  =====================================================
+
+Label conventions (``Task.classes`` lists the original class ids of a task in the
+order of the stream's class order):
+
+* permuted / rotated: labels are the source labels, ``num_outputs = num_classes``.
+* split_task_il: label = position of the original class inside the task's group,
+  ``0..k-1`` with ``k = num_classes // num_tasks``; ``num_heads = num_tasks``.
+* split_class_il: label = position of the original class in the stream's class order,
+  so task ``t`` owns labels ``t*k .. (t+1)*k - 1``; ``num_outputs = num_classes``.
+
+Every error is a ``ValueError`` (``FileNotFoundError`` for missing files,
+``IndexError`` for a task id out of range, ``TypeError`` for a non-integer task id)
+whose message names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import math
+import operator
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "KINDS",
+    "MNIST_FILES",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "Source",
+    "Task",
+    "TaskStream",
+    "load_source",
+    "make_stream",
+]
+
+#: Names :func:`load_source` reads without TFDS.
+BUILTIN_SOURCES: tuple[str, ...] = ("digits", "mnist")
+
+#: Stream kinds :func:`make_stream` knows, mapped to their scenario.
+KINDS: dict[str, str] = {
+    "permuted": "domain_il",
+    "rotated": "domain_il",
+    "split_task_il": "task_il",
+    "split_class_il": "class_il",
+}
+
+#: The four original MNIST files (LeCun et al.), split -> (images, labels).
+MNIST_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+#: MNIST normalisation constants of the PyTorch / GPM reference code.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0  # fixed: the digits test set is the same in every run
+
+# Test sets are cached per task only while all of them together stay this small.
+_TEST_CACHE_BYTES = 64 << 20
+# Stream tag for the train_subset shuffle so it is independent of the other draws.
+_SUBSET_STREAM = 0x5B5E7
+
+
+# --------------------------------------------------------------------------- #
+# Source
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+    """One image-classification dataset, whole and in memory.
+
+    Attributes:
+      name: the dataset's name (for messages and logs).
+      x_train: ``(N, H, W, C)`` float32, already normalised.
+      y_train: ``(N,)`` int32 in ``[0, num_classes)``.
+      x_test: ``(M, H, W, C)`` float32, same ``(H, W, C)`` as ``x_train``.
+      y_test: ``(M,)`` int32 in ``[0, num_classes)``.
+      num_classes: number of classes ``C >= 1``.
+
+    Raises:
+      ValueError: on construction, if an array is not a numpy array of the dtype and
+        rank above, if images and labels disagree in count, if train and test images
+        differ in ``(H, W, C)``, or if a label lies outside ``[0, num_classes)``; the
+        message names the split, the bad values and the fix.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    def __post_init__(self):
+        where = f"Source {self.name!r}"
+        if isinstance(self.num_classes, bool) or not isinstance(
+            self.num_classes, (int, np.integer)
+        ):
+            raise ValueError(
+                f"{where}: num_classes must be an int, got {self.num_classes!r}."
+            )
+        if self.num_classes < 1:
+            raise ValueError(
+                f"{where}: num_classes must be >= 1, got {self.num_classes}."
+            )
+        for split in ("train", "test"):
+            x = getattr(self, f"x_{split}")
+            y = getattr(self, f"y_{split}")
+            if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+                raise ValueError(
+                    f"{where}: x_{split} and y_{split} must be numpy arrays, got "
+                    f"{type(x).__name__} and {type(y).__name__}; wrap them with "
+                    "np.asarray."
+                )
+            if x.ndim != 4:
+                raise ValueError(
+                    f"{where}: x_{split} must be 4-D (N, H, W, C), got shape "
+                    f"{x.shape}; add a channel axis with x[..., None] for grayscale."
+                )
+            if x.dtype != np.float32:
+                raise ValueError(
+                    f"{where}: x_{split} must be float32, got {x.dtype}; normalise "
+                    "and convert with .astype(np.float32)."
+                )
+            if y.ndim != 1:
+                raise ValueError(
+                    f"{where}: y_{split} must be 1-D (N,), got shape {y.shape}; "
+                    "pass integer class ids, not one-hot vectors."
+                )
+            if y.dtype != np.int32:
+                raise ValueError(
+                    f"{where}: y_{split} must be int32, got {y.dtype}; convert with "
+                    ".astype(np.int32)."
+                )
+            if len(x) != len(y):
+                raise ValueError(
+                    f"{where}: x_{split} has {len(x)} images but y_{split} has "
+                    f"{len(y)} labels; they must pair one to one."
+                )
+            bad = (y < 0) | (y >= self.num_classes)
+            if bad.any():
+                values = np.unique(y[bad])
+                shown = ", ".join(str(v) for v in values[:10])
+                more = f" (and {len(values) - 10} more)" if len(values) > 10 else ""
+                raise ValueError(
+                    f"{where}: y_{split} has {int(bad.sum())} labels outside "
+                    f"[0, {self.num_classes}): values {shown}{more}. Fix: remap the "
+                    "labels to 0..num_classes-1 or raise num_classes."
+                )
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(
+                f"{where}: train images are {self.x_train.shape[1:]} but test images "
+                f"are {self.x_test.shape[1:]}; both splits need the same (H, W, C)."
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one image."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+def load_source(
+    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True
+) -> Source:
+    """Loads a dataset into a :class:`Source` (float32 images, int32 labels).
+
+    Args:
+      name: ``"digits"`` (scikit-learn's bundled 8x8 digits; ``data_dir`` unused),
+        ``"mnist"`` (the four original IDX ``.gz`` files in ``data_dir``), or any
+        TFDS dataset name (e.g. ``"cifar100"``, ``"fashion_mnist"``).
+      data_dir: the directory with the MNIST files, or the TFDS data directory
+        (``None``: TFDS's default, ``~/tensorflow_datasets``).
+      download: TFDS only: whether TFDS may download and prepare the dataset when
+        it is not prepared in ``data_dir`` yet (needs the network). ``False``
+        fails fast instead.
+
+    Returns:
+      digits: train 1,438 / test 359 images ``(8, 8, 1)``, values ``x / 16`` in
+        [0, 1], 10 classes; the split is stratified (20 % of each class to test)
+        and drawn with a fixed RNG (seed 0), so it is the same in every run.
+      mnist: train 60,000 / test 10,000 images ``(28, 28, 1)``, values
+        ``(x / 255 - 0.1307) / 0.3081``, 10 classes.
+      TFDS: the ``train`` and ``test`` splits, ``image`` uint8 -> ``/ 255``
+        float32 ``(H, W, C)``, ``label`` -> int32, ``num_classes`` from the
+        ``label`` feature.
+
+    Raises:
+      ValueError: ``mnist`` without ``data_dir``; a corrupt MNIST file (unreadable
+        gzip, wrong IDX magic, payload length != header dims, image/label counts
+        disagree, SHA256 mismatch against a ``SHA256SUMS`` beside the files); an
+        unknown dataset name; a TFDS dataset TFDS cannot find or prepare.
+      FileNotFoundError: MNIST files missing (the message lists them).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"load_source: name must be a non-empty string, got {name!r}; use one "
+            f"of {BUILTIN_SOURCES} or a TFDS dataset name."
+        )
+    key = name.strip().lower()
+    if key == "digits":
+        return _load_digits()
+    if key == "mnist":
+        return _load_mnist(data_dir)
+    return _load_tfds(name.strip(), data_dir, download)
+
+
+def _load_digits() -> Source:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (np.asarray(bunch.data, np.float64) / 16.0).astype(np.float32)
+    x = x.reshape(-1, 8, 8, 1)
+    y = np.asarray(bunch.target, np.int32)
+    # Own stratified split (not sklearn's) so the test set cannot change with a
+    # scikit-learn release: per class, a seeded permutation; the first
+    # round(0.2 * n_c) indices go to test. Both index sets are then shuffled.
+    rng = np.random.default_rng(_DIGITS_SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(_DIGITS_TEST_FRACTION * len(idx)))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    train_idx = rng.permutation(np.concatenate(train_idx))
+    test_idx = rng.permutation(np.concatenate(test_idx))
+    return Source(
+        name="digits",
+        x_train=x[train_idx],
+        y_train=y[train_idx],
+        x_test=x[test_idx],
+        y_test=y[test_idx],
+        num_classes=10,
+    )
+
+
+# ----------------------------------- MNIST --------------------------------- #
+
+
+def _load_mnist(data_dir) -> Source:
+    if data_dir is None:
+        raise ValueError(
+            "load_source('mnist') needs data_dir: pass the directory that holds "
+            f"{_mnist_names()} (the original MNIST IDX files), e.g. "
+            "load_source('mnist', data_dir='/path/to/mnist')."
+        )
+    data_dir = os.fspath(data_dir)
+    names = [n for pair in MNIST_FILES.values() for n in pair]
+    missing = [n for n in names if not os.path.isfile(os.path.join(data_dir, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"MNIST: {len(missing)} file(s) missing in {data_dir!r}: "
+            f"{', '.join(missing)}. The directory must hold the four original IDX "
+            f"files named exactly {', '.join(names)} (from "
+            "https://storage.googleapis.com/cvdf-datasets/mnist/)."
+        )
+    sums_path = os.path.join(data_dir, "SHA256SUMS")
+    if os.path.isfile(sums_path):
+        _verify_sha256(sums_path, data_dir, names)
+
+    arrays = {}
+    for split, (img_name, lbl_name) in MNIST_FILES.items():
+        img_path = os.path.join(data_dir, img_name)
+        lbl_path = os.path.join(data_dir, lbl_name)
+        images = _read_idx(img_path, _IDX_IMAGES_MAGIC)
+        labels = _read_idx(lbl_path, _IDX_LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise ValueError(
+                f"MNIST: {img_name} has {len(images)} images but {lbl_name} has "
+                f"{len(labels)} labels; the pair is mismatched or one is "
+                "corrupt -- replace both with the original files."
+            )
+        x = images.astype(np.float32)[..., None]  # (N, rows, cols, 1)
+        np.divide(x, np.float32(255.0), out=x)
+        x -= np.float32(MNIST_MEAN)
+        x /= np.float32(MNIST_STD)
+        arrays[split] = (x, labels.astype(np.int32))
+    if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
+        raise ValueError(
+            f"MNIST: train images are {arrays['train'][0].shape[1:3]} but test "
+            f"images are {arrays['test'][0].shape[1:3]}; one of the image files is "
+            "not MNIST -- replace it with the original."
+        )
+    return Source(
+        name="mnist",
+        x_train=arrays["train"][0],
+        y_train=arrays["train"][1],
+        x_test=arrays["test"][0],
+        y_test=arrays["test"][1],
+        num_classes=10,
+    )
+
+
+def _mnist_names() -> str:
+    return ", ".join(n for pair in MNIST_FILES.values() for n in pair)
+
+
+def _verify_sha256(sums_path: str, data_dir: str, names: list[str]) -> None:
+    """Checks each file of ``names`` listed in ``SHA256SUMS`` (``sha256sum`` format)."""
+    expected = {}
+    with open(sums_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(None, 1)
+            if len(parts) != 2 or len(parts[0]) != 64:
+                raise ValueError(
+                    f"MNIST: {sums_path} line {lineno} is not '<sha256>  <file>': "
+                    f"{line!r}; fix or delete the SHA256SUMS file."
+                )
+            expected[parts[1].strip().lstrip("*")] = parts[0].lower()
+    for n in names:
+        if n not in expected:
+            continue
+        h = hashlib.sha256()
+        with open(os.path.join(data_dir, n), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != expected[n]:
+            raise ValueError(
+                f"MNIST: {n} fails its SHA256 check (expected {expected[n]}, got "
+                f"{h.hexdigest()}); the file is corrupt or not the original -- "
+                "download it again."
+            )
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+    """Reads a gzipped IDX file of uint8: images ``(n, rows, cols)`` or labels ``(n,)``."""
+    fname = os.path.basename(path)
+    kind = "images" if magic == _IDX_IMAGES_MAGIC else "labels"
+    fix = "download the original file again"
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(
+            f"MNIST: {fname} is not a readable gzip file ({e}); it is truncated or "
+            f"corrupt -- {fix}."
+        ) from e
+    ndims = 3 if magic == _IDX_IMAGES_MAGIC else 1
+    header = 4 + 4 * ndims
+    got_magic = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None
+    if got_magic is not None and got_magic != magic:
+        raise ValueError(
+            f"MNIST: {fname} has IDX magic number {got_magic}, expected {magic} "
+            f"({kind}); the file is not an IDX {kind} file (swapped names?) -- {fix}."
+        )
+    if len(raw) < header:
+        raise ValueError(
+            f"MNIST: {fname} holds {len(raw)} bytes, fewer than the {header}-byte "
+            f"IDX {kind} header -- {fix}."
+        )
+    dims = struct.unpack(">" + "I" * ndims, raw[4:header])
+    want = math.prod(dims)
+    got = len(raw) - header
+    if got != want:
+        raise ValueError(
+            f"MNIST: {fname} header says {kind} of shape {dims} = {want} bytes but "
+            f"the payload has {got} bytes -- {fix}."
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+# ------------------------------------ TFDS --------------------------------- #
+
+
+def _load_tfds(name: str, data_dir, download: bool) -> Source:
+    builtin = ", ".join(repr(n) for n in BUILTIN_SOURCES)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - tfds is a dependency
+        raise ValueError(
+            f"load_source({name!r}): not a built-in source ({builtin}) and "
+            "tensorflow_datasets is not installed; pip install tensorflow-datasets."
+        ) from e
+    not_found = getattr(getattr(tfds.core, "registered", None), "DatasetNotFoundError", ())
+    try:
+        train_src, test_src = tfds.data_source(
+            name,
+            split=["train", "test"],
+            data_dir=None if data_dir is None else os.fspath(data_dir),
+            download=download,
+        )
+    except not_found as e:
+        raise ValueError(
+            f"load_source: unknown dataset {name!r}. Built-in names: {builtin}; any "
+            "other name must be a registered TFDS dataset (see "
+            "tfds.list_builders())."
+        ) from e
+    except Exception as e:  # TFDS raises many types when data is absent
+        raise ValueError(
+            f"load_source({name!r}): TFDS could not find or prepare the dataset in "
+            f"data_dir={data_dir!r} ({type(e).__name__}: {_first_line(e)}). Built-in "
+            f"names are {builtin}; a TFDS dataset must be prepared under data_dir in "
+            "array_record format (tfds.data_source(name, data_dir=...) with the "
+            "network, or tfds.builder(name, data_dir=..., file_format='array_record')"
+            ".download_and_prepare(...) with manual files)."
+        ) from e
+
+    features = train_src.dataset_info.features
+    label_feature = features["label"] if "label" in features else None
+    num_classes = getattr(label_feature, "num_classes", None)
+    if not num_classes:
+        raise ValueError(
+            f"load_source({name!r}): the TFDS dataset has no 'label' ClassLabel "
+            f"feature (features: {sorted(features)}); only image classification "
+            "datasets with 'image' and 'label' are supported."
+        )
+    x_train, y_train = _read_tfds_split(name, "train", train_src)
+    x_test, y_test = _read_tfds_split(name, "test", test_src)
+    return Source(
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=int(num_classes),
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def _read_tfds_split(name: str, split: str, src: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Reads every record of a TFDS data source into ``(x float32, y int32)``."""
+    n = len(src)
+    if n == 0:
+        raise ValueError(f"load_source({name!r}): TFDS split {split!r} is empty.")
+    images = labels = None
+    batched = True
+    chunk = 1024
+    for start in range(0, n, chunk):
+        keys = list(range(start, min(n, start + chunk)))
+        records = None
+        if batched:
+            try:
+                records = src.__getitems__(keys)
+            except TypeError:
+                # tfds.testing.mock_data (tfds 4.9.10) installs a broken
+                # __getitems__ on its mock reader; per-record reads work.
+                batched = False
+        if records is None:
+            records = [src[k] for k in keys]
+        for k, rec in zip(keys, records):
+            if "image" not in rec or "label" not in rec:
+                raise ValueError(
+                    f"load_source({name!r}): records have keys {sorted(rec)}; "
+                    "expected 'image' and 'label'."
+                )
+            img = np.asarray(rec["image"])
+            if img.ndim == 2:
+                img = img[..., None]
+            if images is None:
+                if img.dtype != np.uint8 or img.ndim != 3:
+                    raise ValueError(
+                        f"load_source({name!r}): 'image' must be uint8 (H, W, C), got "
+                        f"{img.dtype} {img.shape}."
+                    )
+                images = np.empty((n, *img.shape), np.uint8)
+                labels = np.empty((n,), np.int64)
+            if img.shape != images.shape[1:]:
+                raise ValueError(
+                    f"load_source({name!r}): {split} record {k} has image shape "
+                    f"{img.shape}, record 0 has {images.shape[1:]}; variable-size "
+                    "images are not supported -- resize them to one shape first."
+                )
+            images[k] = img
+            labels[k] = int(rec["label"])
+    x = images.astype(np.float32)
+    x /= np.float32(255.0)
+    return x, labels.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- #
+# Tasks and streams
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """One task of a stream. Arrays are read-only.
+
+    Attributes:
+      task_id: position in the stream, ``0 <= task_id < num_tasks``.
+      x_train: ``(n, H, W, C)`` float32.
+      y_train: ``(n,)`` int32, labels in the stream's output space (module docs).
+      x_test: ``(m, H, W, C)`` float32.
+      y_test: ``(m,)`` int32.
+      classes: original class ids of the task, in stream class order; for split
+        streams ``classes[i]`` is the class behind task-IL label ``i`` / class-IL
+        label ``task_id * k + i``.
+    """
+
+    task_id: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[int, ...]
+
+
+class TaskStream:
+    """A deterministic sequence of :class:`Task` s; build one with :func:`make_stream`.
+
+    Tasks are made on demand by :meth:`task` (the same ``t`` gives byte-equal arrays
+    every time); only the per-task permutations / class groups / subset indices are
+    precomputed, and test sets are cached while all of them together are small.
+
+    Attributes:
+      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_class_il'``.
+      scenario: ``'domain_il'`` (permuted, rotated), ``'task_il'`` or ``'class_il'``.
+      num_tasks: number of tasks ``T``.
+      num_outputs: logits per head: ``num_classes`` (permuted, rotated,
+        split_class_il) or ``num_classes // num_tasks`` (split_task_il).
+      num_heads: ``num_tasks`` for split_task_il, else 1.
+      input_shape: ``(H, W, C)``.
+      class_order: all class ids in the stream's order (``tuple(range(C))`` unless
+        ``class_order='random'`` in a split stream).
+      source, seed: what the stream was made from.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        kind: str,
+        num_tasks: int,
+        seed: int,
+        max_angle: float,
+        class_order: tuple[int, ...],
+        train_subset: int | None,
+    ):
+        self._source = source
+        self._kind = kind
+        self._num_tasks = num_tasks
+        self._seed = seed
+        self._max_angle = max_angle
+        self._class_order = class_order
+        self._train_subset = train_subset
+        C = source.num_classes
+        self._k = C // num_tasks if kind.startswith("split") else C
+        self._perms = None
+        if kind == "permuted":
+            rng = np.random.default_rng(seed)
+            d = math.prod(source.input_shape)
+            self._perms = [rng.permutation(d) for _ in range(num_tasks)]
+        # Background for rotation: the darkest training pixel (0 before
+        # normalisation), so rotated corners look like the image background.
+        self._cval = float(source.x_train.min()) if kind == "rotated" else 0.0
+        self._label_map = None
+        if kind.startswith("split"):
+            lut = np.full((C,), -1, np.int32)
+            order = np.asarray(class_order)
+            if kind == "split_class_il":
+                lut[order] = np.arange(C, dtype=np.int32)
+            else:
+                lut[order] = np.tile(np.arange(self._k, dtype=np.int32), num_tasks)
+            self._label_map = lut
+        cache_ok = source.x_test.nbytes * num_tasks <= _TEST_CACHE_BYTES
+        self._test_cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
+            {} if cache_ok else None
+        )
+
+    # ---- read-only attributes ------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def scenario(self) -> str:
+        return KINDS[self._kind]
+
+    @property
+    def num_tasks(self) -> int:
+        return self._num_tasks
+
+    @property
+    def num_outputs(self) -> int:
+        return self._k if self._kind == "split_task_il" else self._source.num_classes
+
+    @property
+    def num_heads(self) -> int:
+        return self._num_tasks if self._kind == "split_task_il" else 1
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self._source.input_shape
+
+    @property
+    def class_order(self) -> tuple[int, ...]:
+        return self._class_order
+
+    @property
+    def source(self) -> Source:
+        return self._source
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    def __len__(self) -> int:
+        return self._num_tasks
+
+    def __iter__(self) -> Iterator[Task]:
+        for t in range(self._num_tasks):
+            yield self.task(t)
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskStream(source={self._source.name!r}, kind={self._kind!r}, "
+            f"num_tasks={self._num_tasks}, seed={self._seed}, "
+            f"num_outputs={self.num_outputs}, num_heads={self.num_heads})"
+        )
+
+    # ---- tasks ---------------------------------------------------------------
+    def task_classes(self, t: int) -> tuple[int, ...]:
+        """Original class ids of task ``t`` (see :attr:`Task.classes`)."""
+        t = self._check_t(t)
+        if self._kind.startswith("split"):
+            return self._class_order[t * self._k : (t + 1) * self._k]
+        return self._class_order
+
+    def task(self, t: int) -> Task:
+        """Builds task ``t`` (deterministic: same stream and ``t`` -> same arrays).
+
+        Raises:
+          TypeError: ``t`` is not an integer.
+          IndexError: ``t`` is outside ``[0, num_tasks)``.
+        """
+        t = self._check_t(t)
+        src = self._source
+        classes = self.task_classes(t)
+        if self._kind.startswith("split"):
+            tr_idx = np.flatnonzero(np.isin(src.y_train, classes))
+        else:
+            tr_idx = None  # all training examples
+        tr_idx = self._subset(t, tr_idx, len(src.y_train))
+        x_tr = src.x_train if tr_idx is None else src.x_train[tr_idx]
+        y_tr = src.y_train if tr_idx is None else src.y_train[tr_idx]
+        x_tr, y_tr = self._transform(t, x_tr, y_tr)
+
+        cached = self._test_cache.get(t) if self._test_cache is not None else None
+        if cached is None:
+            if self._kind.startswith("split"):
+                te_idx = np.flatnonzero(np.isin(src.y_test, classes))
+                x_te, y_te = src.x_test[te_idx], src.y_test[te_idx]
+            else:
+                x_te, y_te = src.x_test, src.y_test
+            cached = _readonly(*self._transform(t, x_te, y_te))
+            if self._test_cache is not None:
+                self._test_cache[t] = cached
+        x_tr, y_tr = _readonly(x_tr, y_tr)
+        return Task(
+            task_id=t,
+            x_train=x_tr,
+            y_train=y_tr,
+            x_test=cached[0],
+            y_test=cached[1],
+            classes=tuple(int(c) for c in classes),
+        )
+
+    def _check_t(self, t) -> int:
+        try:
+            t = operator.index(t)
+        except TypeError:
+            raise TypeError(
+                f"task id must be an integer, got {type(t).__name__} {t!r}."
+            ) from None
+        if not 0 <= t < self._num_tasks:
+            raise IndexError(
+                f"task id {t} out of range: this stream has {self._num_tasks} tasks, "
+                f"ids 0..{self._num_tasks - 1}."
+            )
+        return t
+
+    def _subset(self, t: int, idx: np.ndarray | None, n_all: int):
+        """First ``train_subset`` of ``idx`` (None = all rows) after a seeded shuffle."""
+        if self._train_subset is None:
+            return idx
+        if idx is None:
+            idx = np.arange(n_all)
+        rng = np.random.default_rng([self._seed, _SUBSET_STREAM, t])
+        return rng.permutation(idx)[: self._train_subset]
+
+    def _transform(self, t: int, x: np.ndarray, y: np.ndarray):
+        """Applies task ``t``'s input change and label map; always returns new arrays."""
+        if self._kind == "permuted":
+            flat = x.reshape(len(x), -1)
+            x = np.take(flat, self._perms[t], axis=1).reshape(x.shape)
+        elif self._kind == "rotated":
+            angle = t * self._max_angle / self._num_tasks
+            if angle % 360.0 == 0.0:
+                x = x.copy()
+            else:
+                from scipy import ndimage
+
+                x = ndimage.rotate(
+                    x,
+                    angle,
+                    axes=(1, 2),
+                    reshape=False,
+                    order=1,
+                    mode="constant",
+                    cval=self._cval,
+                )
+        else:
+            x = np.array(x, copy=True)
+        if self._label_map is not None:
+            y = self._label_map[y]
+        else:
+            y = np.array(y, copy=True)
+        return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int32)
+
+
+def _readonly(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
+
+
+def make_stream(
+    source: Source,
+    kind: str,
+    num_tasks: int,
+    seed: int = 0,
+    *,
+    max_angle: float = 180.0,
+    class_order: str = "natural",
+    train_subset: int | None = None,
+) -> TaskStream:
+    """Makes a continual-learning task stream from a :class:`Source`.
+
+    Args:
+      source: the dataset.
+      kind: ``'permuted'`` -- task ``t`` applies the ``t``-th of ``num_tasks`` fixed
+        pixel permutations (over the ``H*W*C`` flattened values, drawn in order from
+        ``np.random.default_rng(seed)``; task 0 is permuted too), labels unchanged
+        (Goodfellow et al. 2013). ``'rotated'`` -- task ``t`` rotates every image by
+        ``t * max_angle / num_tasks`` degrees (``scipy.ndimage.rotate``,
+        ``reshape=False``, bilinear ``order=1``, corners filled with the darkest
+        training pixel, i.e. the background), labels unchanged; task 0 is the
+        source. ``'split_task_il'`` / ``'split_class_il'`` -- the classes, in
+        ``class_order``, are cut into ``num_tasks`` groups of
+        ``k = num_classes // num_tasks``; task ``t`` holds the examples of group
+        ``t`` with labels ``0..k-1`` (task-IL) or ``t*k..(t+1)*k-1`` (class-IL)
+        (Zenke et al. 2017; scenarios per van de Ven & Tolias 2019).
+      num_tasks: ``T >= 1``; split kinds need ``num_classes % T == 0``.
+      seed: the stream's seed (permutations, random class order, subsets).
+        Same seed -> byte-identical tasks.
+      max_angle: rotated only, degrees (finite).
+      class_order: split kinds: ``'natural'`` (0..C-1) or ``'random'`` (a
+        permutation drawn from ``np.random.default_rng(seed)``).
+      train_subset: if set (``>= 1``), each task keeps only the first
+        ``train_subset`` training examples after a shuffle seeded by ``(seed, t)``
+        (all of them if fewer); test sets are never cut.
+
+    Returns:
+      A :class:`TaskStream`; tasks are built lazily by ``stream.task(t)``.
+
+    Raises:
+      ValueError: unknown ``kind`` (lists the valid ones); ``num_tasks < 1``;
+        ``num_classes % num_tasks != 0`` for a split kind (lists counts that work);
+        a split group with no training examples; bad ``seed``, ``max_angle``,
+        ``class_order`` or ``train_subset``.
+    """
+    if not isinstance(source, Source):
+        raise ValueError(
+            f"make_stream: source must be a clx.data.Source, got "
+            f"{type(source).__name__}; build one with load_source(...) or Source(...)."
+        )
+    if kind not in KINDS:
+        raise ValueError(
+            f"make_stream: unknown kind {kind!r}; valid kinds are "
+            f"{', '.join(repr(k) for k in KINDS)}."
+        )
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)):
+        raise ValueError(f"make_stream: num_tasks must be an int, got {num_tasks!r}.")
+    num_tasks = int(num_tasks)
+    if num_tasks < 1:
+        raise ValueError(
+            f"make_stream: num_tasks must be >= 1, got {num_tasks}; a stream needs at "
+            "least one task."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(
+            f"make_stream: seed must be a non-negative int, got {seed!r}."
+        )
+    seed = int(seed)
+    try:
+        max_angle = float(max_angle)
+    except (TypeError, ValueError):
+        max_angle = math.nan
+    if not math.isfinite(max_angle):
+        raise ValueError(
+            f"make_stream: max_angle must be a finite number of degrees, got "
+            f"{max_angle!r}."
+        )
+    if train_subset is not None:
+        if (
+            isinstance(train_subset, bool)
+            or not isinstance(train_subset, (int, np.integer))
+            or train_subset < 1
+        ):
+            raise ValueError(
+                f"make_stream: train_subset must be None or an int >= 1, got "
+                f"{train_subset!r}."
+            )
+        train_subset = int(train_subset)
+    if class_order not in ("natural", "random"):
+        raise ValueError(
+            f"make_stream: class_order must be 'natural' or 'random', got "
+            f"{class_order!r}."
+        )
+
+    C = source.num_classes
+    order = tuple(range(C))
+    if kind.startswith("split"):
+        if C % num_tasks != 0:
+            works = [d for d in range(1, C + 1) if C % d == 0]
+            raise ValueError(
+                f"make_stream: {kind} needs num_classes divisible by num_tasks, but "
+                f"{source.name!r} has {C} classes and num_tasks={num_tasks}; use "
+                f"num_tasks in {works}."
+            )
+        if class_order == "random":
+            order = tuple(int(c) for c in np.random.default_rng(seed).permutation(C))
+        counts = np.bincount(source.y_train, minlength=C)
+        empty = [c for c in range(C) if counts[c] == 0]
+        if empty:
+            raise ValueError(
+                f"make_stream: classes {empty} of {source.name!r} have no training "
+                "examples, so a split task would be (partly) empty; use a source "
+                "with every class present."
+            )
+    return TaskStream(source, kind, num_tasks, seed, max_angle, order, train_subset)

@@ -1,0 +1,179 @@
+"""GPM: Gradient Projection Memory.
+
+Saha, Garg, Roy (2021), "Gradient Projection Memory for Continual Learning", ICLR.
+
+After each task, GPM stores for every layer a basis M of the input-space subspace
+that the task's representations occupy (``clx.subspace.expand``, Eqs. 5, 8, 9).
+While later tasks train, each layer's gradient is projected onto the orthogonal
+complement (Eq. 10, in Flax's (in, out) kernel layout):
+
+    g  <-  g - M M^T g = (I - M M^T) g
+
+so the layer's outputs on old tasks' inputs do not move. The state holds, per
+projected kernel, the subspace and the cached (d, d) complement projector
+``Q = I - M M^T``, rebuilt only at ``consolidate``.
+
+Two equivalent ways to apply Q are chosen per layer from static shapes: ``Q @ g``
+(2 d^2 m FLOPs) or, when the trainer passes the layer's inputs X (N, d) and
+output gradients delta (N, m), ``(X Q)^T delta`` (2 N d^2 + 2 N d m FLOPs, and
+the unprojected ``X^T delta`` is then never formed). At batch 10 on a 784-input
+layer the second is ten times cheaper.
+
+Differences from the authors' code: the first task's rank follows the paper's Eq. 5
+(the fewest directions reaching the threshold), where the code keeps one fewer;
+biases, if a model has them, are not projected (GPM's models have none).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from clx import subspace as sub
+from clx.core import ContinualTransformation, Evidence, path_str
+
+
+class GPMState(NamedTuple):
+    subspaces: dict[str, sub.Subspace]  # kernel path -> subspace of R^d (d = kernel rows)
+    projectors: dict[str, jax.Array]  # kernel path -> (d, d) I - M M^T
+
+
+def _kernel_paths(params) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = path_str(path)
+        if key.split("/")[-1] == "kernel" and jnp.ndim(leaf) == 2:
+            out.append((key, tuple(leaf.shape)))
+    return out
+
+
+def gpm(
+    threshold: float | Sequence[float] | dict[str, float] | Callable = 0.97,
+    num_samples: int = 300,
+    layers: Sequence[str] | None = None,
+) -> ContinualTransformation:
+    """Gradient Projection Memory (Saha et al. 2021, Algorithm 1).
+
+    Chain it before the optimizer: ``clx.chain(clx.gpm([0.95, 0.99, 0.99]),
+    optax.sgd(0.01))``.
+
+    Args:
+      threshold: the energy threshold epsilon_th in (0, 1] of Eqs. 5 and 9. A
+        float for every layer; a sequence with one value per projected layer, in
+        the order of ``layers`` or, by default, the order ``jax.tree_util``
+        flattens the params (sorted keys; input to output for ``clx.MLP``); a
+        dict from kernel path to value; or a function of the task index returning either
+        (the paper's CIFAR setup uses ``lambda t: 0.97 + 0.003 * t``). Paper
+        defaults: (0.95, 0.99, 0.99) on Permuted MNIST, 0.97 + 0.003 t on CIFAR-100.
+      num_samples: examples per task in each representation matrix (300 on
+        Permuted MNIST, 125 on CIFAR-100 in the paper). The first
+        ``num_samples`` columns of the evidence's representations are used.
+      layers: kernel paths to project (e.g. ``['layers/0/kernel']``); by default
+        every 2-D parameter named ``kernel`` (all Dense layers).
+
+    Returns:
+      A ContinualTransformation with state ``GPMState``. ``update`` accepts the
+      trainer's ``layer_inputs``/``output_grads`` extras; ``consolidate`` needs
+      ``evidence.representations`` for every projected kernel.
+
+    Raises:
+      ValueError: a threshold outside (0, 1], a threshold list of the wrong
+        length, ``num_samples < 1``, an unknown layer path, a non-2-D kernel; at
+        consolidate, missing representations or fewer than ``num_samples``
+        columns.
+    """
+    if callable(threshold):
+        pass
+    elif isinstance(threshold, dict):
+        threshold = {k: sub.check_threshold(v) for k, v in threshold.items()}
+    elif isinstance(threshold, (list, tuple)):
+        threshold = tuple(sub.check_threshold(v) for v in threshold)
+    else:
+        threshold = sub.check_threshold(threshold)
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    num_samples = int(num_samples)
+
+    def projected(params) -> list[tuple[str, tuple[int, ...]]]:
+        kernels = _kernel_paths(params)
+        if layers is None:
+            chosen = kernels
+        else:
+            known = dict(kernels)
+            unknown = [p for p in layers if p not in known]
+            if unknown:
+                raise ValueError(f"gpm: layers {unknown} are not 2-D kernels of the params; known: {sorted(known)}.")
+            chosen = [(p, known[p]) for p in layers]
+        if not chosen:
+            raise ValueError("gpm: the params have no 2-D 'kernel' leaves to project.")
+        return chosen
+
+    def layer_thresholds(paths: list[str], task_id):
+        value = threshold(task_id) if callable(threshold) else threshold
+        if not isinstance(task_id, jax.core.Tracer) and callable(threshold):
+            value = jax.tree.map(sub.check_threshold, value)
+        if isinstance(value, dict):
+            missing = [p for p in paths if p not in value]
+            if missing:
+                raise ValueError(f"gpm: threshold dict has no entry for layers {missing}.")
+            return [value[p] for p in paths]
+        if isinstance(value, (list, tuple)):
+            if len(value) != len(paths):
+                raise ValueError(
+                    f"gpm: {len(value)} thresholds given for {len(paths)} projected layers {paths}; "
+                    "give one per layer or a single float."
+                )
+            return list(value)
+        return [value] * len(paths)
+
+    def init(params):
+        chosen = projected(params)
+        subspaces = {p: sub.empty(shape[0]) for p, shape in chosen}
+        projectors = {p: jnp.eye(shape[0], dtype=jnp.float32) for p, shape in chosen}
+        layer_thresholds([p for p, _ in chosen], 0)  # values, length and keys, checked early
+        return GPMState(subspaces, projectors)
+
+    def update(updates, state, params=None, *, layer_inputs=None, output_grads=None, **extra):
+        del params, extra
+
+        def project(path, g):
+            key = path_str(path)
+            if key not in state.projectors:
+                return g
+            q = state.projectors[key].astype(g.dtype)
+            d, m = g.shape
+            x = None if layer_inputs is None else layer_inputs.get(key)
+            delta = None if output_grads is None else output_grads.get(key)
+            if x is not None and delta is not None:
+                n = x.shape[0]
+                if 2 * n * d * d + 2 * n * d * m < 2 * d * d * m:
+                    return ((x @ q).T @ delta.astype(g.dtype)).astype(g.dtype)
+            return q @ g
+
+        return jax.tree_util.tree_map_with_path(project, updates), state
+
+    def consolidate(state, params, evidence: Evidence):
+        paths = [p for p, _ in projected(params)]  # the threshold order; state dicts come back key-sorted
+        missing = [p for p in paths if p not in evidence.representations]
+        if missing:
+            raise ValueError(
+                f"gpm: the evidence has no representation matrices for {missing}; it has "
+                f"{sorted(evidence.representations)}. The trainer records the inputs of nnx.Linear layers."
+            )
+        thresholds = layer_thresholds(paths, evidence.task_id)
+        subspaces, projectors = {}, {}
+        for p, th in zip(paths, thresholds):
+            rep = evidence.representations[p]
+            if rep.shape[1] < num_samples:
+                raise ValueError(
+                    f"gpm: representation of {p!r} has {rep.shape[1]} examples but num_samples={num_samples}; "
+                    "collect a larger evidence sample or lower num_samples."
+                )
+            s = sub.expand(state.subspaces[p], rep[:, :num_samples], th)
+            subspaces[p] = s
+            projectors[p] = sub.complement_projector(s)
+        return GPMState(subspaces, projectors)
+
+    return ContinualTransformation(init, update, consolidate)

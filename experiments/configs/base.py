@@ -1,0 +1,44 @@
+"""Defaults shared by every experiment config; each config file edits a copy."""
+
+import os
+
+import ml_collections
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED_MNIST = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "gpm,finetune"  # comma-separated: each method runs on the same stream
+    c.seed = 0
+    c.progress = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "digits"  # digits | mnist | any prepared TFDS dataset name
+    c.data.dir = ""  # MNIST IDX directory or TFDS data_dir; '' = none / TFDS default
+
+    c.stream = ml_collections.ConfigDict()
+    c.stream.kind = "permuted"  # permuted | rotated | split_task_il | split_class_il
+    c.stream.num_tasks = 5
+    c.stream.train_subset = 0  # >0: keep this many training examples per task
+    c.stream.max_angle = 180.0  # rotated streams
+    c.stream.class_order = "natural"  # split streams: natural | random
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hidden = (100, 100)
+    c.model.use_bias = False
+    c.model.init = "torch"  # torch (PyTorch Linear default) | lecun
+
+    c.train = ml_collections.ConfigDict()
+    c.train.optimizer = "sgd"
+    c.train.lr = 0.01
+    c.train.momentum = 0.0
+    c.train.epochs = 5
+    c.train.batch_size = 10
+    c.train.eval_batch_size = 1000
+
+    c.gpm = ml_collections.ConfigDict()
+    c.gpm.threshold = (0.95, 0.99, 0.99)  # per projected layer, or one float
+    c.gpm.num_samples = 300
+    return c
