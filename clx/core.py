@@ -33,8 +33,8 @@ class ContinualTransformation(NamedTuple):
     Attributes:
       init: ``init(params) -> state``.
       update: ``update(updates, state, params=None, **extra) -> (updates, state)``,
-        exactly optax's signature. The trainer passes, as ``extra``,
-        ``layer_inputs`` and ``output_grads`` (see ``clx.functional``) so that rules
+        exactly optax's signature. The trainer passes, as ``extra``, ``task_id``
+        (int32 scalar, the task being trained), ``layer_inputs`` and ``output_grads`` (see ``clx.functional``) so that rules
         that act on the input space of Dense layers can work on the factored
         gradient ``g = X^T delta``; rules that do not need them ignore them.
       consolidate: ``consolidate(state, params, evidence) -> state``, called once

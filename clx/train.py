@@ -72,7 +72,8 @@ def make_epoch_fn(model: FunctionalModel, rule: ContinualTransformation, batch_s
     Shuffles the n examples with ``key``, pads the last batch with zero-weight
     examples (every example is seen once; the loss of a batch is the mean over
     its real examples) and scans ``rule.update`` + ``optax.apply_updates`` over
-    the ceil(n / batch_size) batches. With ``factored_grads`` the rule receives
+    the ceil(n / batch_size) batches. The rule receives ``task_id`` (int32
+    scalar, the task of the batch's first example) as an extra. With ``factored_grads`` the rule receives
     ``layer_inputs`` (N, d) and ``output_grads`` (N, m) per Dense kernel; use it
     only when the loss depends on Dense kernels through the layers alone.
 
@@ -95,7 +96,7 @@ def make_epoch_fn(model: FunctionalModel, rule: ContinualTransformation, batch_s
             bi, bw = batch
             (loss, inputs), (grads, deltas) = grad_fn(params, zeros, x[bi], y[bi], bw, task_ids[bi])
             extra = {"layer_inputs": inputs, "output_grads": deltas} if factored_grads else {}
-            updates, rule_state = rule.update(grads, rule_state, params, **extra)
+            updates, rule_state = rule.update(grads, rule_state, params, task_id=task_ids[bi[0]], **extra)
             return (optax.apply_updates(params, updates), rule_state), loss * jnp.sum(bw)
 
         (params, rule_state), losses = jax.lax.scan(step, (params, rule_state), (idx, w))
