@@ -106,9 +106,16 @@ def make_epoch_fn(model: FunctionalModel, rule: ContinualTransformation, batch_s
 
 
 def make_eval_fn(model: FunctionalModel, eval_batch_size: int = 1000):
-    """A jitted ``accuracy(params, x, y, task_id) -> float32 scalar`` over a whole test set."""
+    """A jitted ``accuracy(params, x, y, task_id, num_trained) -> float32 scalar`` over a whole test set.
 
-    def accuracy(params, x, y, task_id):
+    Predictions are ``argmax model.apply(params, x, task_id)``, unless the model
+    has a ``predict(params, x, task_id, num_trained) -> (batch,) int`` method
+    (e.g. a hypernetwork that infers the task for class-IL from the tasks
+    trained so far), which is then used instead.
+    """
+    predict = getattr(model, "predict", None)
+
+    def accuracy(params, x, y, task_id, num_trained):
         n = x.shape[0]
         b = min(eval_batch_size, n)
         nb = math.ceil(n / b)
@@ -118,7 +125,10 @@ def make_eval_fn(model: FunctionalModel, eval_batch_size: int = 1000):
 
         def body(total, batch):
             xb, yb = batch
-            pred = jnp.argmax(model.apply(params, xb, task_id), axis=-1)
+            if predict is not None:
+                pred = predict(params, xb, task_id, num_trained)
+            else:
+                pred = jnp.argmax(model.apply(params, xb, task_id), axis=-1)
             return total + jnp.sum(pred == yb), None
 
         correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), (xs, ys))
@@ -221,7 +231,7 @@ def fit(
     state = rule.init(params)
     train_seconds = 0.0
     task = get_task(0)
-    baseline[0] = float(eval_fn(initial, *tests[0], 0))
+    baseline[0] = float(eval_fn(initial, *tests[0], 0, 0))
     for t in range(num_tasks):
         if cumulative:
             train_sets.append((task.x_train, task.y_train))
@@ -257,9 +267,9 @@ def fit(
 
         if t + 1 < num_tasks:
             task = get_task(t + 1)
-            baseline[t + 1] = float(eval_fn(initial, *tests[t + 1], t + 1))
+            baseline[t + 1] = float(eval_fn(initial, *tests[t + 1], t + 1, 0))
         for j in range(min(t + 2, num_tasks)):
-            acc[t, j] = float(eval_fn(params, *tests[j], j))
+            acc[t, j] = float(eval_fn(params, *tests[j], j, t + 1))
         log.info("%stask %d/%d done at %.1fs: mean accuracy on tasks 0..%d = %.4f", desc, t + 1, num_tasks,
                  time.perf_counter() - t0 - data_seconds, t, float(np.mean(acc[t, : t + 1])))
     wall = time.perf_counter() - t0 - data_seconds

@@ -20,9 +20,7 @@ import sys
 import time
 
 import jax
-import numpy as np
-from absl import app, flags
-from flax import nnx
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import clx
@@ -32,16 +30,6 @@ from experiments import methods, report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, the accuracy matrix CSV and PNG.")
-
-
-def build_model(config, stream, seed: int):
-    """The MLP of ``config.model`` for ``stream``, as (FunctionalModel, params)."""
-    module = clx.MLP(
-        int(np.prod(stream.input_shape)), tuple(config.model.hidden), stream.num_outputs,
-        num_heads=stream.num_heads, use_bias=config.model.use_bias, init=config.model.init,
-        rngs=nnx.Rngs(seed),
-    )
-    return clx.FunctionalModel.from_module(module)
 
 
 def prepare(config):
@@ -73,7 +61,7 @@ def run(config, workdir: str) -> dict[str, dict]:
     rows = {}
     for name in names:
         spec = specs[name]
-        model, params = build_model(config, stream, config.seed)
+        model, params = spec.build_model(config, stream, config.seed)
         result = fit(
             model, params, spec.rule, stream, epochs=config.train.epochs, batch_size=config.train.batch_size,
             seed=config.seed, evidence_samples=spec.evidence_samples, cumulative=spec.cumulative,
@@ -113,6 +101,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("both --config and --workdir are required.")
+    logging.set_verbosity(logging.INFO if not _CONFIG.value.progress else logging.WARNING)
     t0 = time.time()
     run(_CONFIG.value, _WORKDIR.value)
     print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)

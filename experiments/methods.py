@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import optax
+from flax import nnx
 
 import clx
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def build_mlp(config, stream, seed: int):
+    """The ``clx.MLP`` of ``config.model`` for ``stream``, as (FunctionalModel, params)."""
+    module = clx.MLP(
+        int(np.prod(stream.input_shape)), tuple(config.model.hidden), stream.num_outputs,
+        num_heads=stream.num_heads, use_bias=config.model.use_bias, init=config.model.init,
+        rngs=nnx.Rngs(seed),
+    )
+    return clx.FunctionalModel.from_module(module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +33,8 @@ class MethodSpec:
     rule: clx.ContinualTransformation
     cumulative: bool = False  # joint training: task t trains on tasks 0..t
     evidence_samples: int = 300
+    # (config, stream, seed) -> (model with apply/apply_recording/dense_output_shapes, params)
+    build_model: object = build_mlp
 
 
 def optimizer(train) -> optax.GradientTransformation:
