@@ -12,7 +12,31 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "gpm,finetune"  # comma-separated: each method runs on the same stream
     c.seed = 0
+    c.seeds = ()  # several seeds -> one vmapped program over them (members); () = just `seed`
     c.progress = True
+
+    # A small grid of one scalar hyperparameter, vmapped with the seeds (members = values x seeds).
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.key = ""  # '' (none) | 'gpm.threshold' (one value for every layer) | 'train.lr'
+    c.sweep.grid = ()  # the values of sweep.key
+
+    # Checkpoints in <workdir>[/<method>]/checkpoints; a workdir holding one resumes from it.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.enabled = True
+    c.checkpoint.every_steps = 0  # also save every N optimizer steps inside a task (0: task ends only)
+    c.checkpoint.max_to_keep = 3
+
+    # Data parallelism over jax.make_mesh of all devices (see docs/scaling.md).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.enabled = "auto"  # auto (a mesh when there are several devices) | on | off
+    c.mesh.shape = ()  # () = (all devices,) on 'data'; (-1, 2) = data x model (large params split on 'model')
+
+    # Multi-host: jax.distributed.initialize before anything else (TPU pods / SLURM: leave the fields empty).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""  # 'host0:1234' on plain GPU hosts
+    c.distributed.num_processes = 0  # 0 = auto-detect
+    c.distributed.process_id = -1  # -1 = auto-detect
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # digits | mnist | any prepared TFDS dataset name

@@ -1,0 +1,48 @@
+"""A tiny GPM run on permuted sklearn digits shared by the checkpoint, sharding and
+distributed tests (also run as a script by their subprocesses)."""
+
+import numpy as np
+import optax
+from flax import nnx
+
+import clx
+from clx import data
+
+EPOCHS, BATCH, SAMPLES = 2, 16, 48
+
+
+def stream(num_tasks=2, train_subset=512):
+    return data.make_stream(data.load_source("digits"), "permuted", num_tasks, seed=0, train_subset=train_subset)
+
+
+def model(hidden=(32,), seed=0):
+    return clx.FunctionalModel.from_module(clx.MLP(64, hidden, 10, use_bias=False, rngs=nnx.Rngs(seed)))
+
+
+def rule():
+    return clx.chain(clx.gpm(0.95, num_samples=SAMPLES), optax.sgd(0.3))
+
+
+def run(checkpoint=None, on_save=None, mesh=None, hidden=(32,), num_tasks=2, info=None):
+    from clx.train import CheckpointOptions, fit
+
+    m, params = model(hidden)
+    if isinstance(checkpoint, str):
+        checkpoint = CheckpointOptions(checkpoint, every_steps=12, info=info or {"method": "gpm"})
+    return fit(m, params, rule(), stream(num_tasks), epochs=EPOCHS, batch_size=BATCH, evidence_samples=SAMPLES,
+               progress=False, mesh=mesh, checkpoint=checkpoint, on_save=on_save)
+
+
+if __name__ == "__main__":  # python tests/_cl_tiny.py CKPT_DIR KILL_TASK OUT.npy: SIGKILL itself mid-task
+    import os
+    import signal
+    import sys
+
+    kill_task = int(sys.argv[2])
+
+    def on_save(n, pos):
+        if pos["task"] == kill_task and pos["step"] > 0 and pos["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    r = run(sys.argv[1], on_save=on_save)
+    np.save(sys.argv[3], r.accuracy_matrix)

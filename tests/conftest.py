@@ -1,0 +1,45 @@
+"""Shared pytest setup: 8 fake CPU devices for the tests that ask for them.
+
+A test marked ``@pytest.mark.cpu_devices8`` runs in a child pytest process whose
+JAX has 8 CPU devices (``jax_num_cpu_devices``, set here, before any device use,
+when ``CLX_TEST_CPU_DEVICES`` is in the environment). The session itself keeps
+one device: giving every xdist worker 8 devices would change the other tests
+(``experiments.main`` builds an 8-device mesh by default, and batch 10 does not
+divide over it). The child costs one interpreter start (a few seconds) per test.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+NUM_FAKE_DEVICES = 8
+_ENV = "CLX_TEST_CPU_DEVICES"
+
+if os.environ.get(_ENV):  # the child process: fake devices before anything touches JAX's backend
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", int(os.environ[_ENV]))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_devices8: runs in a child process with 8 fake CPU devices")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if not pyfuncitem.get_closest_marker("cpu_devices8") or os.environ.get(_ENV):
+        return None  # an ordinary test, or already the 8-device child: run it here
+    env = {**os.environ, _ENV: str(NUM_FAKE_DEVICES), "JAX_PLATFORMS": "cpu"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly",
+         pyfuncitem.nodeid],
+        cwd=str(pyfuncitem.config.rootpath), env=env, capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 or " passed" not in out:
+        pytest.fail(f"in the {NUM_FAKE_DEVICES}-device child process (exit {proc.returncode}):\n{out[-6000:]}",
+                    pytrace=False)
+    return True
