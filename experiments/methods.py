@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -63,7 +64,116 @@ def _gpm(config):
     return MethodSpec("gpm", rule, evidence_samples=g.num_samples)
 
 
-BUILDERS = {"finetune": _finetune, "joint": _joint, "gpm": _gpm}
+# --- task-conditioned hypernetworks (von Oswald et al. 2020; clx.hnet) -------------------
+
+
+def build_hyper_model(config, stream, seed: int):
+    """``config.hnet``'s hypernetwork over a ``clx.MLP`` target of ``config.model.hidden``.
+
+    The target has ``num_tasks * head_size`` outputs (``hnet.per_task_heads``, the
+    authors' layout) or ``head_size``; ``head_size`` is the stream's
+    ``num_outputs`` (``num_outputs / num_tasks`` for class-IL, where the model
+    infers the task by entropy, HNET+ENT). Returns (HyperModel, params); the
+    target's weights are never allocated.
+    """
+    h = config.hnet
+    class_il = stream.scenario == "class_il"
+    T = stream.num_tasks
+    if class_il and stream.num_outputs % T:
+        raise ValueError(f"class-IL hypernetworks need num_outputs divisible by num_tasks, got {stream.num_outputs} "
+                         f"and {T}.")
+    head = stream.num_outputs // T if class_il else stream.num_outputs
+    n_out = T * head if h.per_task_heads else head
+    d_in = int(np.prod(stream.input_shape))
+    target = clx.TargetNetwork.from_module_fn(lambda: clx.MLP(
+        d_in, tuple(config.model.hidden), n_out, use_bias=config.model.use_bias, rngs=nnx.Rngs(0)))
+    n = target.num_params
+    if h.type == "chunked":
+        hnet = clx.chunked_hypernetwork(n, h.emb_dim, h.chunk_dim, h.chunk_emb_dim, tuple(h.hidden), h.activation,
+                                        chunk_emb_std=h.chunk_emb_std)
+    elif h.type == "recurrent":
+        hnet = clx.recurrent_hypernetwork(n, h.emb_dim, h.chunk_dim, h.chunk_emb_dim, h.rnn_hidden, h.cell,
+                                          chunk_emb_std=h.chunk_emb_std)
+    elif h.type == "mlp":
+        hnet = clx.mlp_hypernetwork(n, h.emb_dim, tuple(h.hidden), h.activation)
+    else:
+        raise ValueError(f"unknown hnet.type {h.type!r}; choose 'chunked', 'recurrent' or 'mlp'.")
+    model = clx.HyperModel(target, hnet, T, head, scenario="class_il" if class_il else "task_il",
+                           per_task_heads=h.per_task_heads, emb_std=h.emb_std, temperature=h.temperature,
+                           input_shape=stream.input_shape)
+    return model, model.init(jax.random.key(seed))
+
+
+class _DeferredRule:
+    """The hypernetwork rule needs the hypernetwork, which needs the stream's shapes;
+    ``build_model`` (called before ``fit``) fills it in."""
+
+    def __init__(self, make):
+        self.make, self.rule = make, None
+
+    def get(self):
+        if self.rule is None:
+            raise RuntimeError("the hnet rule is built by the MethodSpec's build_model; call build_model first.")
+        return self.rule
+
+    def as_rule(self) -> clx.ContinualTransformation:
+        return clx.ContinualTransformation(
+            lambda params: self.get().init(params),
+            lambda updates, state, params=None, **extra: self.get().update(updates, state, params, **extra),
+            lambda state, params, evidence: self.get().consolidate(state, params, evidence),
+        )
+
+
+def hnet_config():
+    """The ``config.hnet`` block (defaults: the authors' Permuted-MNIST classifier hnet;
+    see experiments/configs/pmnist_hnet.py and split_mnist_hnet.py)."""
+    import ml_collections
+
+    h = ml_collections.ConfigDict()
+    h.type = "chunked"  # chunked | recurrent | mlp
+    h.emb_dim = 24  # task embedding size (class_temb_size)
+    h.chunk_dim = 78000  # weights per chunk (class_hyper_chunks)
+    h.chunk_emb_dim = 8  # chunk embedding size (class_emb_size)
+    h.hidden = (25, 25)  # hnet hidden layers (class_hnet_arch)
+    h.activation = "elu"  # class_hnet_act
+    h.cell = "gru"  # recurrent hnet: gru | lstm
+    h.rnn_hidden = 64  # recurrent hnet: hidden state size
+    h.beta = 0.1  # output-regularizer strength (class_beta)
+    h.lookahead = True  # regularize at theta + dtheta (not no_lookahead)
+    h.num_sampled = 0  # >0: regularize this many random old tasks per step (hnet_reg_batch_size); 0 = all
+    h.reset_optimizer = True  # a fresh optimizer per task, as the authors' code
+    h.emb_std = 1.0  # std_normal_temb
+    h.chunk_emb_std = 1.0  # std_normal_emb
+    h.temperature = 1.0  # soft_temp of HNET+ENT
+    h.per_task_heads = True  # target has num_tasks * head_size outputs (the authors' layout)
+    return h
+
+
+def _hnet(config):
+    if "hnet" not in config:
+        raise ValueError("method 'hnet' needs a config.hnet block: use experiments/configs/pmnist_hnet.py or "
+                         "split_mnist_hnet.py, or add `c.hnet = methods.hnet_config()` to your config.")
+    h = config.hnet
+    if not h.beta >= 0:
+        raise ValueError(f"hnet.beta must be >= 0, got {h.beta}.")
+    opt = optimizer(config.train)
+
+    def make(model):
+        return clx.output_regularizer(model.hnet, opt, beta=h.beta, num_tasks=model.num_tasks,
+                                      lookahead=h.lookahead, num_sampled=h.num_sampled or None,
+                                      reset_optimizer=h.reset_optimizer, seed=config.seed)
+
+    deferred = _DeferredRule(make)
+
+    def build_model(config, stream, seed):
+        model, params = build_hyper_model(config, stream, seed)
+        deferred.rule = deferred.make(model)
+        return model, params
+
+    return MethodSpec("hnet", deferred.as_rule(), build_model=build_model, evidence_samples=1)
+
+
+BUILDERS = {"finetune": _finetune, "joint": _joint, "gpm": _gpm, "hnet": _hnet}
 
 
 def parse(method: str) -> list[str]:
