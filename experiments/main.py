@@ -186,6 +186,7 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
             result = fit(model, params, spec.rule, stream, seed=seed, **common)
             per_member = [(None, result.accuracy_matrix, result.random_baseline, result.losses,
                            _ranks(name, result.rule_state, None))]
+            member_params = result.params
         else:
             built = [spec.build_model(config, stream, s) for s, _ in members]
             model = built[0][0]
@@ -194,6 +195,9 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
                                  seeds=[s for s, _ in members], **common)
             per_member = [((s, v), result.accuracy_matrix[m], result.random_baseline[m], result.losses[m],
                            _ranks(name, result.rule_state, m)) for m, (s, v) in enumerate(members)]
+            member_params = built[0][1]
+        # Model-specific facts (e.g. a hypernetwork's compression ratio); they depend on shapes only.
+        extra = model.extra_results(member_params) if hasattr(model, "extra_results") else {}
         member_rows = {}
         for who, acc, baseline, losses, ranks in per_member:
             summary = clx.metrics.summarize(acc, baseline)
@@ -212,6 +216,7 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
                     "processes": jax.process_count(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                 },
             }
+            results.update(extra)
             if result.resumed_from is not None:
                 results["resumed_from"] = result.resumed_from
             if ranks is not None:
