@@ -75,38 +75,26 @@ def _loss_and_taps(model: FunctionalModel, factored: bool):
 def make_epoch_fn(model: FunctionalModel, rule: ContinualTransformation, batch_size: int, factored_grads: bool = True):
     """A jitted ``epoch(params, rule_state, x, y, task_ids, key) -> (params, rule_state, mean_loss)``.
 
-    Shuffles the n examples with ``key``, pads the last batch with zero-weight
+    The trainer's own epoch program (``fit`` runs the same scan): shuffles the n
+    examples with ``fold_in(key, 0)``, pads the last batch with zero-weight
     examples (every example is seen once; the loss of a batch is the mean over
     its real examples) and scans ``rule.update`` + ``optax.apply_updates`` over
     the ceil(n / batch_size) batches. The rule receives ``task_id`` (int32
-    scalar, the task of the batch's first example) as an extra. With ``factored_grads`` the rule receives
-    ``layer_inputs`` (N, d) and ``output_grads`` (N, m) per Dense kernel; use it
-    only when the loss depends on Dense kernels through the layers alone.
+    scalar, the task of the batch's first example) as an extra. With
+    ``factored_grads`` the rule also receives ``layer_inputs`` (N, d) and
+    ``output_grads`` (N, m) per Dense kernel; use it only when the loss depends
+    on Dense kernels through the layers alone. The params and rule state passed
+    in are donated.
 
     Shapes: x (n, ...) float32, y (n,) int32, task_ids (n,) int32.
     """
-    grad_fn = _loss_and_taps(model, factored_grads)
+    chunk = _chunk_fn(model, lambda hp: rule, batch_size, factored_grads)
 
     def epoch(params, rule_state, x, y, task_ids, key):
         n = x.shape[0]
-        nb = math.ceil(n / batch_size)
-        pad = nb * batch_size - n
-        perm = jax.random.permutation(key, n)
-        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, batch_size)
-        w = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)]).reshape(nb, batch_size)
-        shapes = model.dense_output_shapes(params, x[:batch_size], task_ids[:batch_size]) if factored_grads else {}
-        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-
-        def step(carry, batch):
-            params, rule_state = carry
-            bi, bw = batch
-            (loss, inputs), (grads, deltas) = grad_fn(params, zeros, x[bi], y[bi], bw, task_ids[bi])
-            extra = {"layer_inputs": inputs, "output_grads": deltas} if factored_grads else {}
-            updates, rule_state = rule.update(grads, rule_state, params, task_id=task_ids[bi[0]], **extra)
-            return (optax.apply_updates(params, updates), rule_state), loss * jnp.sum(bw)
-
-        (params, rule_state), losses = jax.lax.scan(step, (params, rule_state), (idx, w))
-        return params, rule_state, jnp.sum(losses) / n
+        params, rule_state, total = chunk(None, params, rule_state, x, y, task_ids, jax.random.key_data(key), 0, 0,
+                                          num_steps=math.ceil(n / batch_size))
+        return params, rule_state, total / n
 
     return jax.jit(epoch, donate_argnums=(0, 1))
 
@@ -119,38 +107,20 @@ def make_eval_fn(model: FunctionalModel, eval_batch_size: int = 1000):
     (e.g. a hypernetwork that infers the task for class-IL from the tasks
     trained so far), which is then used instead.
     """
-    predict = getattr(model, "predict", None)
-
-    def accuracy(params, x, y, task_id, num_trained):
-        n = x.shape[0]
-        b = min(eval_batch_size, n)
-        nb = math.ceil(n / b)
-        pad = nb * b - n
-        xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(nb, b, *x.shape[1:])
-        ys = jnp.concatenate([y, jnp.full((pad,), -1, y.dtype)]).reshape(nb, b)
-
-        def body(total, batch):
-            xb, yb = batch
-            if predict is not None:
-                pred = predict(params, xb, task_id, num_trained)
-            else:
-                pred = jnp.argmax(model.apply(params, xb, task_id), axis=-1)
-            return total + jnp.sum(pred == yb), None
-
-        correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), (xs, ys))
-        return correct / n
-
-    return jax.jit(accuracy)
+    return jax.jit(_eval_body(model, eval_batch_size))
 
 
-def make_evidence_fn(model: FunctionalModel):
-    """A jitted ``representations(params, x, task_id) -> {kernel path: (d, n)}``."""
-
+def _evidence_body(model):
     def representations(params, x, task_id):
         _, inputs = model.apply_recording(params, x, task_id)
         return {k: v.T for k, v in inputs.items()}
 
-    return jax.jit(representations)
+    return representations
+
+
+def make_evidence_fn(model: FunctionalModel):
+    """A jitted ``representations(params, x, task_id) -> {kernel path: (d, n)}``."""
+    return jax.jit(_evidence_body(model))
 
 
 def _check_labels(name: str, y: np.ndarray, num_outputs: int) -> None:
@@ -449,10 +419,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, *, seeds, members, epochs
         eval_body = jax.vmap(eval_body, in_axes=(0, None, None, None, None))
     eval_fn = jax.jit(eval_body, static_argnums=())
 
-    def evidence_body(params, x, task_id):
-        _, inputs = model.apply_recording(params, x, task_id)
-        return {k: v.T for k, v in inputs.items()}
-
+    evidence_body = _evidence_body(model)
     if members:
         evidence_body = jax.vmap(evidence_body, in_axes=(0, 0, None))
     # Under a mesh the representation matrices are gathered to every device (out_shardings=replicated), so the
