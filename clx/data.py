@@ -209,7 +209,12 @@ class Source:
 
 
 def load_source(
-    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    scale: str = "default",
+    pad: int = 0,
 ) -> Source:
     """Loads a dataset into a :class:`Source` (float32 images, int32 labels).
 
@@ -222,6 +227,11 @@ def load_source(
       download: TFDS only: whether TFDS may download and prepare the dataset when
         it is not prepared in ``data_dir`` yet (needs the network). ``False``
         fails fast instead.
+      scale: ``"default"`` (the values below) or ``"unit"``: MNIST as ``x / 255``
+        in [0, 1], as the hypernetwork paper's code (``hypercl``) feeds it (digits
+        and TFDS sources are in [0, 1] already).
+      pad: pixels of background (the training set's minimum value) added on each
+        side of every image, e.g. 2 for MNIST at 32 x 32 as in ``hypercl``.
 
     Returns:
       digits: train 1,438 / test 359 images ``(8, 8, 1)``, values ``x / 16`` in
@@ -245,12 +255,28 @@ def load_source(
             f"load_source: name must be a non-empty string, got {name!r}; use one "
             f"of {BUILTIN_SOURCES} or a TFDS dataset name."
         )
+    if scale not in ("default", "unit"):
+        raise ValueError(f"load_source: scale must be 'default' or 'unit', got {scale!r}.")
+    if int(pad) < 0:
+        raise ValueError(f"load_source: pad must be >= 0 pixels, got {pad}.")
     key = name.strip().lower()
     if key == "digits":
-        return _load_digits()
-    if key == "mnist":
-        return _load_mnist(data_dir)
-    return _load_tfds(name.strip(), data_dir, download)
+        source = _load_digits()
+    elif key == "mnist":
+        source = _load_mnist(data_dir, standardize=scale == "default")
+    else:
+        source = _load_tfds(name.strip(), data_dir, download)
+    return _pad(source, int(pad)) if pad else source
+
+
+def _pad(source: Source, pad: int) -> Source:
+    fill = np.float32(source.x_train.min())
+    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    return dataclasses.replace(
+        source,
+        x_train=np.pad(source.x_train, widths, constant_values=fill),
+        x_test=np.pad(source.x_test, widths, constant_values=fill),
+    )
 
 
 def _load_digits() -> Source:
@@ -285,7 +311,7 @@ def _load_digits() -> Source:
 # ----------------------------------- MNIST --------------------------------- #
 
 
-def _load_mnist(data_dir) -> Source:
+def _load_mnist(data_dir, standardize: bool = True) -> Source:
     if data_dir is None:
         raise ValueError(
             "load_source('mnist') needs data_dir: pass the directory that holds "
@@ -320,8 +346,9 @@ def _load_mnist(data_dir) -> Source:
             )
         x = images.astype(np.float32)[..., None]  # (N, rows, cols, 1)
         np.divide(x, np.float32(255.0), out=x)
-        x -= np.float32(MNIST_MEAN)
-        x /= np.float32(MNIST_STD)
+        if standardize:
+            x -= np.float32(MNIST_MEAN)
+            x /= np.float32(MNIST_STD)
         arrays[split] = (x, labels.astype(np.int32))
     if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
         raise ValueError(

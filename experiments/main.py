@@ -63,7 +63,8 @@ def prepare(config):
     if config.stream.kind not in data.KINDS:
         raise ValueError(f"unknown stream.kind {config.stream.kind!r}; choose one of {sorted(data.KINDS)}.")
     specs = {m: methods.build(m, config) for m in names}
-    source = data.load_source(config.data.source, config.data.dir or None)
+    source = data.load_source(config.data.source, config.data.dir or None, scale=config.data.scale,
+                              pad=config.data.pad)
     stream = data.make_stream(
         source, config.stream.kind, config.stream.num_tasks, seed=config.seed,
         max_angle=config.stream.max_angle, class_order=config.stream.class_order,

@@ -625,3 +625,21 @@ def test_rotated_mnist_corners_are_background(mnist):
     task = make_stream(mnist, "rotated", 2, max_angle=90.0, train_subset=20).task(1)  # 45 degrees
     background = np.float32(-0.1307 / 0.3081)
     np.testing.assert_allclose(task.x_train[:, 0, 0, 0], background, rtol=1e-6)
+
+
+def test_scale_and_pad_options():
+    base = data.load_source("digits")
+    padded = data.load_source("digits", pad=2)
+    assert padded.x_train.shape[1:] == (12, 12, 1)
+    np.testing.assert_array_equal(padded.x_train[:, 2:-2, 2:-2], base.x_train)
+    assert np.all(padded.x_test[:, :2] == base.x_train.min())  # background, not a new value
+    with pytest.raises(ValueError, match="scale must be 'default' or 'unit'"):
+        data.load_source("digits", scale="minmax")
+    with pytest.raises(ValueError, match="pad must be >= 0"):
+        data.load_source("digits", pad=-1)
+
+
+def test_mnist_unit_scale(mnist):
+    unit = data.load_source("mnist", MNIST_DIR, scale="unit")
+    assert unit.x_train.min() == 0.0 and unit.x_train.max() == 1.0
+    np.testing.assert_allclose((unit.x_test[:50] - data.MNIST_MEAN) / data.MNIST_STD, mnist.x_test[:50], atol=1e-5)

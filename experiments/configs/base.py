@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # digits | mnist | any prepared TFDS dataset name
     c.data.dir = ""  # MNIST IDX directory or TFDS data_dir; '' = none / TFDS default
+    c.data.scale = "default"  # default (MNIST standardised like the GPM code) | unit ([0, 1], as hypercl)
+    c.data.pad = 0  # background pixels added on each side (hypercl pads MNIST to 32x32: 2)
 
     c.stream = ml_collections.ConfigDict()
     c.stream.kind = "permuted"  # permuted | rotated | split_task_il | split_class_il

@@ -9,9 +9,9 @@ Xavier-uniform weights, embeddings N(0, 1); Adam lr 1e-4 (theta and embeddings),
 a fresh optimizer per task, batch 128, 5,000 iterations per task; beta 0.1 with
 the look-ahead; task id given at test (task-IL). Published: about 97.6 % (PermutedMNIST-10).
 
-Differences (documented): clx feeds 28x28 images (784 inputs; the authors pad to
-32x32, 1024), so the target has 1,886,100 weights instead of 2,126,100. The
-trainer counts epochs, not iterations: 11 epochs of ceil(60,000 / 128) = 469
+Inputs as in the authors' code: MNIST in [0, 1] (``data.scale='unit'``) padded
+by 2 pixels to 32x32 (``data.pad=2``; 1,024 inputs, 2,126,100 target weights).
+The trainer counts epochs, not iterations: 11 epochs of ceil(60,000 / 128) = 469
 batches = 5,159 iterations per task (>= the authors' 5,000).
 Set e.g. ``--config.train.epochs=2`` for a shortened run.
 """
@@ -27,6 +27,8 @@ def get_config():
     c.method = "hnet"
     c.data.source = "mnist"
     c.data.dir = SHARED_MNIST if os.path.isdir(SHARED_MNIST) else ""
+    c.data.scale = "unit"
+    c.data.pad = 2
     c.stream.kind = "permuted"
     c.stream.num_tasks = 10
     c.stream.train_subset = 0
