@@ -224,10 +224,6 @@ def _eval_body(model, eval_batch_size: int, batch_spec=None):
     return accuracy
 
 
-def _shapes(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
-
-
 def fit(
     model: FunctionalModel,
     params,

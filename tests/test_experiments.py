@@ -79,7 +79,6 @@ def test_mnist_dir_missing_or_corrupt(tmp_path, workdir_with_old_results):
 
 
 def test_labels_beyond_model_outputs_raise():
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 
