@@ -413,7 +413,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, *, seeds, members, epochs
     eval_body = _eval_body(model, eval_batch_size, batch_spec)
     if members:
         eval_body = jax.vmap(eval_body, in_axes=(0, None, None, None, None))
-    eval_fn = jax.jit(eval_body, static_argnums=())
+    eval_fn = jax.jit(eval_body)
 
     evidence_body = _evidence_body(model)
     if members:

@@ -35,7 +35,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -102,33 +101,19 @@ def _members(config) -> list[tuple[int, float | None]]:
 
 
 def _rule_fn(name, spec, config):
-    """hyperparameter -> rule for a sweep (the value may be a traced scalar inside jit)."""
+    """hyperparameter -> rule for a sweep (the value may be a traced scalar inside jit).
+
+    Raises:
+      ValueError: the method cannot sweep ``config.sweep.key`` (checked now, before anything is written).
+    """
     key = config.sweep.key
     if not key:
         return lambda hp: spec.rule
-    rule_for = getattr(spec, "rule_for", None)  # a MethodSpec may provide its own sweep hook
-    if rule_for is not None:
-        return lambda hp: rule_for(key, hp)
-    if name not in ("gpm", "finetune", "joint") or (key == "gpm.threshold" and name != "gpm"):
-        raise ValueError(f"config.sweep.key={key!r} is not supported for method {name!r}; sweeps cover "
-                         "gpm.threshold (gpm) and train.lr (gpm, finetune, joint).")
-    train = config.train
-
-    def opt(lr):
-        if train.optimizer == "adam":
-            return optax.adam(lr)
-        return optax.sgd(lr, momentum=train.momentum or None)
-
-    def make(hp):
-        if name == "gpm":
-            g = config.gpm
-            th = (lambda t: hp) if key == "gpm.threshold" else (
-                g.threshold if isinstance(g.threshold, float) else tuple(g.threshold))
-            return clx.chain(clx.gpm(th, num_samples=g.num_samples), opt(train.lr if key != "train.lr" else hp))
-        return clx.chain(opt(hp))
-
-    methods.optimizer(train)  # validates the optimizer name and lr
-    return make
+    if spec.rule_for is None:
+        raise ValueError(f"config.sweep.key={key!r} is not supported for method {name!r}: it has no sweepable "
+                         "hyperparameter.")
+    spec.rule_for(key, float(config.sweep.grid[0]))  # the key is one this method sweeps
+    return lambda hp: spec.rule_for(key, hp)
 
 
 def _member_name(seed, value, key):

@@ -36,32 +36,64 @@ class MethodSpec:
     evidence_samples: int = 300
     # (config, stream, seed) -> (model with apply/apply_recording/dense_output_shapes, params)
     build_model: object = build_mlp
+    # (sweep key, value) -> the rule with that hyperparameter (the value may be traced inside jit);
+    # None: the method cannot be swept. Raises ValueError for a key it does not support.
+    rule_for: object = None
 
 
-def optimizer(train) -> optax.GradientTransformation:
-    """The base optimizer of ``config.train`` (``optimizer``, ``lr``, ``momentum``)."""
+def optimizer(train, lr=None) -> optax.GradientTransformation:
+    """The base optimizer of ``config.train`` (``optimizer``, ``lr``, ``momentum``).
+
+    ``lr`` overrides ``train.lr`` (a float or a traced scalar, for a learning-rate sweep).
+    """
     if train.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown train.optimizer {train.optimizer!r}; choose one of {OPTIMIZERS}.")
     if not train.lr > 0:
         raise ValueError(f"train.lr must be > 0, got {train.lr}.")
+    lr = train.lr if lr is None else lr
     if train.optimizer == "adam":
-        return optax.adam(train.lr)
-    return optax.sgd(train.lr, momentum=train.momentum or None)
+        return optax.adam(lr)
+    return optax.sgd(lr, momentum=train.momentum or None)
+
+
+def _sweep(name, make, keys):
+    """A ``rule_for`` calling ``make(**{keys[key]: value})``."""
+
+    def rule_for(key, value):
+        if key not in keys:
+            raise ValueError(f"config.sweep.key={key!r} is not supported for method {name!r}; "
+                             f"it sweeps {sorted(keys)}.")
+        return make(**{keys[key]: value})
+
+    return rule_for
 
 
 def _finetune(config):
-    return MethodSpec("finetune", clx.chain(optimizer(config.train)))
+    def make(lr=None):
+        return clx.chain(optimizer(config.train, lr))
+
+    return MethodSpec("finetune", make(), rule_for=_sweep("finetune", make, {"train.lr": "lr"}))
 
 
 def _joint(config):
-    return MethodSpec("joint", clx.chain(optimizer(config.train)), cumulative=True)
+    def make(lr=None):
+        return clx.chain(optimizer(config.train, lr))
+
+    return MethodSpec("joint", make(), cumulative=True, rule_for=_sweep("joint", make, {"train.lr": "lr"}))
 
 
 def _gpm(config):
     g = config.gpm
-    threshold = g.threshold if isinstance(g.threshold, float) else tuple(g.threshold)
-    rule = clx.chain(clx.gpm(threshold, num_samples=g.num_samples), optimizer(config.train))
-    return MethodSpec("gpm", rule, evidence_samples=g.num_samples)
+
+    def make(threshold=None, lr=None):
+        if threshold is None:
+            th = g.threshold if isinstance(g.threshold, float) else tuple(g.threshold)
+        else:
+            th = lambda t: threshold  # noqa: E731 -- one (possibly traced) value for every layer and task
+        return clx.chain(clx.gpm(th, num_samples=g.num_samples), optimizer(config.train, lr))
+
+    return MethodSpec("gpm", make(), evidence_samples=g.num_samples,
+                      rule_for=_sweep("gpm", make, {"gpm.threshold": "threshold", "train.lr": "lr"}))
 
 
 # --- task-conditioned hypernetworks (von Oswald et al. 2020; clx.hnet) -------------------

@@ -92,3 +92,14 @@ def test_bad_sweep_raises_before_writing(tmp_path, key, grid, match):
     with pytest.raises(ValueError, match=match):
         run(c, str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+def test_sweep_key_a_method_does_not_have_raises_before_writing(tmp_path):
+    from experiments.main import run
+
+    c = _config()
+    c.method = "gpm,finetune"  # finetune has a learning rate but no GPM threshold
+    c.sweep.key, c.sweep.grid = "gpm.threshold", (0.9,)
+    with pytest.raises(ValueError, match="not supported for method 'finetune'"):
+        run(c, str(tmp_path))
+    assert os.listdir(tmp_path) == []
