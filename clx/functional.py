@@ -55,6 +55,17 @@ class FunctionalModel:
           ValueError: if the module holds state other than ``nnx.Param`` (batch
             statistics, RNG counters), which clx's pure apply cannot carry yet.
         """
+        model, params = cls._split(module)
+        return model, nnx.to_pure_dict(params)
+
+    @classmethod
+    def abstract(cls, module: nnx.Module) -> "FunctionalModel":
+        """The FunctionalModel of a module's structure alone (e.g. one from
+        ``nnx.eval_shape``: no weights need exist). Raises as ``from_module``."""
+        return cls._split(module)[0]
+
+    @classmethod
+    def _split(cls, module):
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
         if jax.tree.leaves(rest):
             raise ValueError(
@@ -64,7 +75,7 @@ class FunctionalModel:
             )
         template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
         takes_task_id = "task_id" in inspect.signature(type(module).__call__).parameters
-        return cls(graphdef, template, takes_task_id), nnx.to_pure_dict(params)
+        return cls(graphdef, template, takes_task_id), params
 
     def _merge(self, params) -> nnx.Module:
         state = jax.tree.map(lambda a: a, self.template)

@@ -38,7 +38,6 @@ The pieces, all pure functions on pytrees:
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -49,6 +48,7 @@ import optax
 from flax import nnx
 
 from clx.core import ContinualTransformation
+from clx.functional import FunctionalModel
 
 __all__ = [
     "ACTIVATIONS", "HnetRegState", "HyperModel", "Hypernetwork", "TargetNetwork", "chunked_hypernetwork",
@@ -82,11 +82,11 @@ class TargetNetwork:
       takes_task_id: whether the module's ``__call__`` takes ``task_id``.
     """
 
-    def __init__(self, graphdef, template, takes_task_id: bool):
-        self.graphdef = graphdef
-        self.template = template
-        self.takes_task_id = takes_task_id
-        pure = nnx.to_pure_dict(template)
+    def __init__(self, functional: FunctionalModel):
+        self.functional = functional
+        self.graphdef, self.template = functional.graphdef, functional.template
+        self.takes_task_id = functional.takes_task_id
+        pure = nnx.to_pure_dict(self.template)
         leaves, self._treedef = jax.tree.flatten(pure)
         paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
         self.shapes = [(p, tuple(l.shape), l.dtype) for p, l in zip(paths, leaves)]
@@ -102,24 +102,12 @@ class TargetNetwork:
           ValueError: the module holds state other than ``nnx.Param`` (batch
             statistics, RNG counters), which a generated pure apply cannot carry.
         """
-        return cls._from_abstract(nnx.eval_shape(module_fn))
+        return cls(FunctionalModel.abstract(nnx.eval_shape(module_fn)))
 
     @classmethod
     def from_module(cls, module: nnx.Module) -> "TargetNetwork":
         """The target of an existing module (its weights are ignored; only shapes are kept)."""
-        return cls._from_abstract(module)
-
-    @classmethod
-    def _from_abstract(cls, module) -> "TargetNetwork":
-        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-        if jax.tree.leaves(rest):
-            raise ValueError(
-                "a hypernetwork target must hold only nnx.Param state; this module also holds other variables "
-                "(BatchNorm statistics, RNG state). Remove them from the target network."
-            )
-        template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-        takes_task_id = "task_id" in inspect.signature(type(module).__call__).parameters
-        return cls(graphdef, template, takes_task_id)
+        return cls(FunctionalModel.abstract(module))
 
     def unflatten(self, flat: jax.Array) -> dict:
         """Cuts a (num_params,) vector into the template's arrays (pure nested dict).
@@ -146,10 +134,7 @@ class TargetNetwork:
         """The module's output on ``x`` with ``params`` (a pure dict, or a flat vector)."""
         if not isinstance(params, dict):
             params = self.unflatten(params)
-        state = jax.tree.map(lambda a: a, self.template)
-        nnx.replace_by_pure_dict(state, params)
-        module = nnx.merge(self.graphdef, state)
-        return module(x, task_id=task_id) if self.takes_task_id else module(x)
+        return self.functional.apply(params, x, task_id)
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         """Output shape for a batch of one input of ``input_shape`` (no compute)."""
