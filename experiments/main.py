@@ -100,19 +100,23 @@ def _members(config) -> list[tuple[int, float | None]]:
     return [(s, v) for v in values for s in seeds]
 
 
-def _rule_fn(name, spec, config):
-    """hyperparameter -> rule for a sweep (the value may be a traced scalar inside jit).
-
-    Raises:
-      ValueError: the method cannot sweep ``config.sweep.key`` (checked now, before anything is written).
-    """
+def _check_sweep(name, spec, config):
+    """Raises ValueError if the method cannot sweep ``config.sweep.key`` (checked before anything is written)."""
     key = config.sweep.key
     if not key:
-        return lambda hp: spec.rule
+        return
     if spec.rule_for is None:
         raise ValueError(f"config.sweep.key={key!r} is not supported for method {name!r}: it has no sweepable "
                          "hyperparameter.")
     spec.rule_for(key, float(config.sweep.grid[0]))  # the key is one this method sweeps
+
+
+def _rule_fn(spec, config, model):
+    """hyperparameter -> rule for ``model`` (the value may be a traced scalar inside jit)."""
+    key = config.sweep.key
+    if not key:
+        rule = spec.rule_with(model)
+        return lambda hp: rule
     return lambda hp: spec.rule_for(key, hp)
 
 
@@ -152,7 +156,8 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
     mesh = make_mesh(config)
     if mesh is not None:
         sharding.check_batch_size(config.train.batch_size, mesh)
-    rule_fns = {name: _rule_fn(name, specs[name], config) for name in names}
+    for name in names:
+        _check_sweep(name, specs[name], config)
     rows = {}
     for name in names:
         spec = specs[name]
@@ -169,7 +174,7 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
         if len(members) == 1 and not config.sweep.key:  # the plain path (bit-identical to a run without members)
             seed = members[0][0]
             model, params = spec.build_model(config, stream, seed)
-            result = fit(model, params, spec.rule, stream, seed=seed, **common)
+            result = fit(model, params, spec.rule_with(model), stream, seed=seed, **common)
             per_member = [(None, result.accuracy_matrix, result.random_baseline, result.losses,
                            _ranks(name, result.rule_state, None))]
             member_params = result.params
@@ -177,7 +182,7 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
             built = [spec.build_model(config, stream, s) for s, _ in members]
             model = built[0][0]
             hps = [0.0 if v is None else v for _, v in members]
-            result = fit_members(model, [p for _, p in built], rule_fns[name], hps, stream,
+            result = fit_members(model, [p for _, p in built], _rule_fn(spec, config, model), hps, stream,
                                  seeds=[s for s, _ in members], **common)
             per_member = [((s, v), result.accuracy_matrix[m], result.random_baseline[m], result.losses[m],
                            _ranks(name, result.rule_state, m)) for m, (s, v) in enumerate(members)]

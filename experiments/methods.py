@@ -31,7 +31,8 @@ def build_mlp(config, stream, seed: int):
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     name: str
-    rule: clx.ContinualTransformation
+    # the rule, or None when it needs the built model (then ``rule_from_model`` makes it)
+    rule: clx.ContinualTransformation | None
     cumulative: bool = False  # joint training: task t trains on tasks 0..t
     evidence_samples: int = 300
     # (config, stream, seed) -> (model with apply/apply_recording/dense_output_shapes, params)
@@ -39,6 +40,13 @@ class MethodSpec:
     # (sweep key, value) -> the rule with that hyperparameter (the value may be traced inside jit);
     # None: the method cannot be swept. Raises ValueError for a key it does not support.
     rule_for: object = None
+    # model -> the rule, for methods whose rule depends on the model ``build_model`` returns
+    # (the hypernetwork's output regularizer needs the hypernetwork).
+    rule_from_model: object = None
+
+    def rule_with(self, model) -> clx.ContinualTransformation:
+        """The rule to train ``model`` (a model from ``build_model``) with."""
+        return self.rule if self.rule_from_model is None else self.rule_from_model(model)
 
 
 def optimizer(train, lr=None) -> optax.GradientTransformation:
@@ -136,26 +144,6 @@ def build_hyper_model(config, stream, seed: int):
     return model, model.init(jax.random.key(seed))
 
 
-class _DeferredRule:
-    """The hypernetwork rule needs the hypernetwork, which needs the stream's shapes;
-    ``build_model`` (called before ``fit``) fills it in."""
-
-    def __init__(self, make):
-        self.make, self.rule = make, None
-
-    def get(self):
-        if self.rule is None:
-            raise RuntimeError("the hnet rule is built by the MethodSpec's build_model; call build_model first.")
-        return self.rule
-
-    def as_rule(self) -> clx.ContinualTransformation:
-        return clx.ContinualTransformation(
-            lambda params: self.get().init(params),
-            lambda updates, state, params=None, **extra: self.get().update(updates, state, params, **extra),
-            lambda state, params, evidence: self.get().consolidate(state, params, evidence),
-        )
-
-
 def hnet_config():
     """The ``config.hnet`` block (defaults: the authors' Permuted-MNIST classifier hnet;
     see experiments/configs/pmnist_hnet.py and split_mnist_hnet.py)."""
@@ -195,14 +183,7 @@ def _hnet(config):
                                       lookahead=h.lookahead, num_sampled=h.num_sampled or None,
                                       reset_optimizer=h.reset_optimizer, seed=config.seed)
 
-    deferred = _DeferredRule(make)
-
-    def build_model(config, stream, seed):
-        model, params = build_hyper_model(config, stream, seed)
-        deferred.rule = deferred.make(model)
-        return model, params
-
-    return MethodSpec("hnet", deferred.as_rule(), build_model=build_model, evidence_samples=1)
+    return MethodSpec("hnet", None, build_model=build_hyper_model, rule_from_model=make, evidence_samples=1)
 
 
 BUILDERS = {"finetune": _finetune, "joint": _joint, "gpm": _gpm, "hnet": _hnet}
