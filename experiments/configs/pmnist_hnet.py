@@ -14,6 +14,22 @@ by 2 pixels to 32x32 (``data.pad=2``; 1,024 inputs, 2,126,100 target weights).
 The trainer counts epochs, not iterations: 11 epochs of ceil(60,000 / 128) = 469
 batches = 5,159 iterations per task (>= the authors' 5,000).
 Set e.g. ``--config.train.epochs=2`` for a shortened run.
+
+Two variants, chosen after the colon (``--config experiments/configs/pmnist_hnet.py:wide``):
+
+* ``paper`` (default): the authors' settings above. Measured on an H100 (seed 0):
+  ACC 96.02 %, BWT -0.01 %, compression ratio 0.955. Below the published 97.6 %:
+  the later tasks are learned worse (task 0 98.1 %, task 9 94.0 %), not forgotten;
+  even with ``hnet.beta=0`` the later tasks only reach about 97.3 %, so the gap is in
+  learning a new task from a hypernetwork trained on the old ones, not in the
+  regularizer. Its cause is not found yet (the init, the optimizers, the look-ahead
+  and the regularizer were checked against ``hypercl``).
+* ``wide``: clx's setting that reaches the target: MNIST standardised and not padded
+  (28x28, 1,886,100 target weights), hypernetwork hidden layers (50, 50), beta 0.01.
+  Measured on an H100 (seed 0): ACC 97.10 %, BWT -0.03 %, compression ratio 2.11 (the
+  hypernetwork is larger than its target here). Each change alone: standardised
+  inputs 96.61 %, beta 0.01 96.64 % (BWT -0.10 %), both 96.79 %, standardised with
+  hidden (50, 50) 96.92 %.
 """
 
 import os
@@ -22,7 +38,9 @@ from experiments.configs.base import SHARED_MNIST, base_config
 from experiments.methods import hnet_config
 
 
-def get_config():
+def get_config(variant: str = "paper"):
+    if variant not in ("paper", "wide"):
+        raise ValueError(f"pmnist_hnet takes 'paper' or 'wide' after the colon, got {variant!r}.")
     c = base_config()
     c.method = "hnet"
     c.data.source = "mnist"
@@ -39,4 +57,9 @@ def get_config():
     c.train.epochs = 11
     c.train.batch_size = 128
     c.hnet = hnet_config()  # the PMNIST defaults (see experiments/methods.py)
+    if variant == "wide":
+        c.data.scale = "default"
+        c.data.pad = 0
+        c.hnet.hidden = (50, 50)
+        c.hnet.beta = 0.01
     return c
