@@ -22,9 +22,12 @@ config raises ``CheckpointMismatchError`` listing what differs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -62,18 +65,42 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
+def to_jsonable(obj: Any, where: str = "value") -> Any:
+    """Converts numpy/JAX values, tuples, sets, paths, ConfigDicts and dataclasses to JSON types.
+
+    Used for checkpoint metadata and for the experiment script's results files;
+    ``where`` names the value in the warning below.
+
+    NaN and infinities stay floats (``json`` writes them as ``NaN``/``Infinity``). An
+    object of an unknown type is written as its ``str`` with a warning rather than
+    failing: losing a finished run's results over one odd config value is worse.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (int, float)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist(), where)
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item(), where)
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
+        return to_jsonable(obj.to_dict(), where)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj), where)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(items)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "__array__"):  # jax.Array and friends
+        return to_jsonable(np.asarray(obj), where)
+    warnings.warn(
+        f"{where}: {type(obj).__name__} is not JSON-serialisable; writing str(value)",
+        stacklevel=3,
+    )
+    return str(obj)
 
 
 class Checkpointer:
@@ -98,7 +125,7 @@ class Checkpointer:
 
         self._ocp = ocp
         self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
-        self.fingerprint = _jsonable(fingerprint)
+        self.fingerprint = to_jsonable(fingerprint)
         options = ocp.CheckpointManagerOptions(max_to_keep=int(max_to_keep), create=True,
                                                enable_async_checkpointing=async_save)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
@@ -115,7 +142,7 @@ class Checkpointer:
         """
         ocp = self._ocp
         step = self._next
-        meta = _jsonable({**meta, "fingerprint": self.fingerprint})
+        meta = to_jsonable({**meta, "fingerprint": self.fingerprint})
         self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
         self._next += 1

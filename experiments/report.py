@@ -23,18 +23,18 @@ the summary table show percent.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
 import os
 import pathlib
 import tempfile
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from clx.checkpoint import to_jsonable
 
 __all__ = ["write_results", "write_summary", "load_results", "format_summary_table"]
 
@@ -57,41 +57,6 @@ _SUMMARY_COLUMNS = (
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def _to_jsonable(obj: Any, where: str = "results") -> Any:
-    """Converts numpy values, tuples, paths, ConfigDicts and dataclasses to JSON types.
-
-    NaN and infinities stay floats (``json`` writes them as ``NaN``/``Infinity``). An
-    object of an unknown type is written as its ``str`` with a warning rather than
-    failing: losing a finished run's results over one odd config value is worse.
-    """
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, float)):
-        return obj
-    if isinstance(obj, np.ndarray):
-        return _to_jsonable(obj.tolist(), where)
-    if isinstance(obj, np.generic):
-        return _to_jsonable(obj.item(), where)
-    if isinstance(obj, Mapping):
-        return {str(k): _to_jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
-        return _to_jsonable(obj.to_dict(), where)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _to_jsonable(dataclasses.asdict(obj), where)
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
-        return [_to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(items)]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "__array__"):  # jax.Array and friends
-        return _to_jsonable(np.asarray(obj), where)
-    warnings.warn(
-        f"{where}: {type(obj).__name__} is not JSON-serialisable; writing str(value)",
-        stacklevel=3,
-    )
-    return str(obj)
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -225,7 +190,7 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> Non
     workdir.mkdir(parents=True, exist_ok=True)
     R = _matrix(results)
     # Serialise everything before touching the disk, so a bad value fails early.
-    json_bytes = _dumps(_to_jsonable(dict(results)))
+    json_bytes = _dumps(to_jsonable(dict(results)))
     csv_bytes = _csv_bytes(R)
     png_bytes = _png_bytes(R, results)
     # results.json last: its presence means the run's outputs are all complete.
@@ -293,7 +258,7 @@ def write_summary(
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    json_bytes = _dumps(_to_jsonable(dict(rows)))
+    json_bytes = _dumps(to_jsonable(dict(rows)))
     table = format_summary_table(rows)
     _atomic_write(workdir / SUMMARY_JSON, json_bytes)
     _atomic_write(workdir / SUMMARY_TXT, table.encode("utf-8"))
