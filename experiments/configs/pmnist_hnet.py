@@ -23,7 +23,8 @@ Two variants, chosen after the colon (``--config experiments/configs/pmnist_hnet
   even with ``hnet.beta=0`` the later tasks only reach about 97.3 %, so the gap is in
   learning a new task from a hypernetwork trained on the old ones, not in the
   regularizer. Its cause is not found yet (the init, the optimizers, the look-ahead
-  and the regularizer were checked against ``hypercl``).
+  and the regularizer were checked against ``hypercl``, and a plain-JAX version
+  written without clx, ``benchmarks/hnet_reference.py``, behaves like clx).
 * ``wide``: clx's setting that reaches the target: MNIST standardised and not padded
   (28x28, 1,886,100 target weights), hypernetwork hidden layers (50, 50), beta 0.01.
   Measured on an H100 (seed 0): ACC 97.10 %, BWT -0.03 %, compression ratio 2.11 (the
