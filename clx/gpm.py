@@ -150,9 +150,9 @@ def gpm(
                 n = x.shape[0]
                 if 2 * n * d * d + 2 * n * d * m < 2 * d * d * m:
                     # einsum contracts N without materialising (X Q)^T (2.7x faster on CPU than .T @).
-                    xq = sub._mm(x.astype(g.dtype), q)
+                    xq = sub.matmul(x.astype(g.dtype), q)
                     return jnp.einsum("nd,nm->dm", xq, delta.astype(g.dtype), precision=sub.HIGHEST).astype(g.dtype)
-            return sub._mm(q, g)
+            return sub.matmul(q, g)
 
         return jax.tree_util.tree_map_with_path(project, updates), state
 

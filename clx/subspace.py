@@ -31,7 +31,8 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _mm(a, b):
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` at full float32 precision (``Precision.HIGHEST``), the product every basis operation uses."""
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
@@ -60,7 +61,7 @@ def rank(s: Subspace) -> jax.Array:
 def projector(s: Subspace) -> jax.Array:
     """The (d, d) matrix ``B diag(mask * importance) B^T`` (symmetric)."""
     scale = jnp.where(s.mask, s.importance, 0.0).astype(s.basis.dtype)
-    return _mm(s.basis * scale, s.basis.T)
+    return matmul(s.basis * scale, s.basis.T)
 
 
 def complement_projector(s: Subspace) -> jax.Array:
@@ -90,8 +91,8 @@ def project_out(g: jax.Array, s: Subspace) -> jax.Array:
         raise ValueError(f"gradient has {g.shape[0]} rows on axis 0 but the subspace lives in R^{d}.")
     flat = g.reshape(d, -1)
     scale = jnp.where(s.mask, s.importance, 0.0).astype(flat.dtype)
-    coef = _mm(s.basis.T, flat) * scale[:, None]
-    return (flat - _mm(s.basis, coef)).reshape(g.shape)
+    coef = matmul(s.basis.T, flat) * scale[:, None]
+    return (flat - matmul(s.basis, coef)).reshape(g.shape)
 
 
 def check_threshold(threshold) -> float:
@@ -159,14 +160,14 @@ def expand(s: Subspace, representation: jax.Array, threshold) -> Subspace:
 
     used = s.basis * s.mask.astype(dtype)
     total = jnp.sum(r_mat**2)
-    r_hat = r_mat - _mm(used, _mm(used.T, r_mat))
+    r_hat = r_mat - matmul(used, matmul(used.T, r_mat))
     if n <= d:
         u, sv, _ = jnp.linalg.svd(r_hat, full_matrices=False)  # (d, n), (n,)
         energy = sv**2
         u = jnp.pad(u, ((0, 0), (0, d - n)))
         energy = jnp.pad(energy, (0, d - n))
     else:
-        evals, evecs = jnp.linalg.eigh(_mm(r_hat, r_hat.T))
+        evals, evecs = jnp.linalg.eigh(matmul(r_hat, r_hat.T))
         energy = jnp.clip(evals[::-1], 0.0)
         u = evecs[:, ::-1]
 
@@ -180,7 +181,7 @@ def expand(s: Subspace, representation: jax.Array, threshold) -> Subspace:
 
     # Re-orthogonalise against the basis (twice is enough), then normalise.
     for _ in range(2):
-        u = u - _mm(used, _mm(used.T, u))
+        u = u - matmul(used, matmul(used.T, u))
     norms = jnp.linalg.norm(u, axis=0)
     u = u / jnp.where(norms > 0, norms, 1.0)
 
