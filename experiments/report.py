@@ -190,7 +190,7 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> Non
     workdir.mkdir(parents=True, exist_ok=True)
     R = _matrix(results)
     # Serialise everything before touching the disk, so a bad value fails early.
-    json_bytes = _dumps(to_jsonable(dict(results)))
+    json_bytes = _dumps(to_jsonable(dict(results), "results"))
     csv_bytes = _csv_bytes(R)
     png_bytes = _png_bytes(R, results)
     # results.json last: its presence means the run's outputs are all complete.
@@ -258,7 +258,7 @@ def write_summary(
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    json_bytes = _dumps(to_jsonable(dict(rows)))
+    json_bytes = _dumps(to_jsonable(dict(rows), "results"))
     table = format_summary_table(rows)
     _atomic_write(workdir / SUMMARY_JSON, json_bytes)
     _atomic_write(workdir / SUMMARY_TXT, table.encode("utf-8"))
