@@ -8,6 +8,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 SHARED_MNIST = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
 
 
+def mnist_dir() -> str:
+    """``SHARED_MNIST`` when it exists, else "" (then ``clx.data`` loads MNIST through TFDS)."""
+    return SHARED_MNIST if os.path.isdir(SHARED_MNIST) else ""
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "gpm,finetune"  # comma-separated: each method runs on the same stream

@@ -8,16 +8,14 @@ images. Published: ACC 93.91 %, BWT -0.03 (Table 1). Fine-tuning runs beside it.
 `data.dir` defaults to ../shared/data/mnist when that directory exists.
 """
 
-import os
-
-from experiments.configs.base import SHARED_MNIST, base_config
+from experiments.configs.base import base_config, mnist_dir
 
 
 def get_config():
     c = base_config()
     c.method = "gpm,finetune"
     c.data.source = "mnist"
-    c.data.dir = SHARED_MNIST if os.path.isdir(SHARED_MNIST) else ""
+    c.data.dir = mnist_dir()
     c.stream.kind = "permuted"
     c.stream.num_tasks = 10
     c.stream.train_subset = 54000

@@ -33,9 +33,7 @@ Two variants, chosen after the colon (``--config experiments/configs/pmnist_hnet
   hidden (50, 50) 96.92 %.
 """
 
-import os
-
-from experiments.configs.base import SHARED_MNIST, base_config
+from experiments.configs.base import base_config, mnist_dir
 from experiments.methods import hnet_config
 
 
@@ -45,7 +43,7 @@ def get_config(variant: str = "paper"):
     c = base_config()
     c.method = "hnet"
     c.data.source = "mnist"
-    c.data.dir = SHARED_MNIST if os.path.isdir(SHARED_MNIST) else ""
+    c.data.dir = mnist_dir()
     c.data.scale = "unit"
     c.data.pad = 2
     c.stream.kind = "permuted"

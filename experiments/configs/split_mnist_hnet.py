@@ -19,9 +19,7 @@ The trainer counts epochs: 21 epochs of ~93 batches of 128 (each task holds
 ~11.8k images) = ~1,950-2,080 iterations per task, the authors' 2,000.
 """
 
-import os
-
-from experiments.configs.base import SHARED_MNIST, base_config
+from experiments.configs.base import base_config, mnist_dir
 from experiments.methods import hnet_config
 
 
@@ -31,7 +29,7 @@ def get_config(scenario: str = "task_il"):
     c = base_config()
     c.method = "hnet"
     c.data.source = "mnist"
-    c.data.dir = SHARED_MNIST if os.path.isdir(SHARED_MNIST) else ""
+    c.data.dir = mnist_dir()
     c.stream.kind = "split_task_il" if scenario == "task_il" else "split_class_il"
     c.stream.num_tasks = 5
     c.stream.train_subset = 0
