@@ -11,21 +11,17 @@ import numpy as np
 import pytest
 
 from experiments import methods
-from experiments.configs import digits_default, pmnist_gpm
+from experiments.configs import pmnist_gpm
+from experiments.configs.base import SHARED_MNIST
 from experiments.main import run
 
+import _cl_tiny  # tests/ is on sys.path under pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
 
 
 def _tiny():
-    c = digits_default.get_config()
-    c.method = "gpm,finetune"
-    c.stream.num_tasks = 2
-    c.train.epochs = 1
-    c.gpm.num_samples = 50
-    c.progress = False
-    return c
+    return _cl_tiny.digits_config("gpm,finetune")
 
 
 @pytest.fixture

@@ -49,15 +49,8 @@ def test_fit_members_length_mismatch_is_an_error():
 
 
 def _config():
-    from experiments.configs import digits_default
-
-    c = digits_default.get_config()
-    c.method = "gpm"
-    c.stream.num_tasks = 2
+    c = _cl_tiny.digits_config("gpm")
     c.stream.train_subset = 300
-    c.train.epochs = 1
-    c.gpm.num_samples = 50
-    c.progress = False
     return c
 
 
