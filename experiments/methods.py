@@ -126,7 +126,7 @@ def build_hyper_model(config, stream, seed: int):
     n_out = T * head if h.per_task_heads else head
     d_in = int(np.prod(stream.input_shape))
     target = clx.TargetNetwork.from_module_fn(lambda: clx.MLP(
-        d_in, tuple(config.model.hidden), n_out, use_bias=config.model.use_bias, rngs=nnx.Rngs(0)))
+        d_in, tuple(config.model.hidden), n_out, use_bias=config.model.use_bias, rngs=nnx.Rngs(0)), layout=h.layout)
     n = target.num_params
     if h.type == "chunked":
         hnet = clx.chunked_hypernetwork(n, h.emb_dim, h.chunk_dim, h.chunk_emb_dim, tuple(h.hidden), h.activation,
@@ -166,6 +166,7 @@ def hnet_config():
     h.chunk_emb_std = 1.0  # std_normal_emb
     h.temperature = 1.0  # soft_temp of HNET+ENT
     h.per_task_heads = True  # target has num_tasks * head_size outputs (the authors' layout)
+    h.layout = "torch"  # order of the generated vector: 'torch' (the authors' code: W (out, in), then b) | 'flax'
     return h
 
 

@@ -27,9 +27,10 @@ def _evidence(t):
 # --- target networks and chunking -----------------------------------------------------------
 
 
-def test_target_template_is_abstract_and_apply_matches_the_module():
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_target_template_is_abstract_and_apply_matches_the_module(layout):
     module = clx.MLP(6, (5,), 3, rngs=nnx.Rngs(1))
-    target = clx.TargetNetwork.from_module_fn(lambda: clx.MLP(6, (5,), 3, rngs=nnx.Rngs(1)))
+    target = clx.TargetNetwork.from_module_fn(lambda: clx.MLP(6, (5,), 3, rngs=nnx.Rngs(1)), layout=layout)
     assert all(isinstance(l, jax.ShapeDtypeStruct) for l in jax.tree.leaves(target.template))
     assert target.num_params == 6 * 5 + 5 + 5 * 3 + 3
     fmodel, params = clx.FunctionalModel.from_module(module)
@@ -39,6 +40,31 @@ def test_target_template_is_abstract_and_apply_matches_the_module():
     np.testing.assert_allclose(target.apply(flat, x), fmodel.apply(params, x), rtol=1e-6)
     back = target.unflatten(flat)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
+
+
+def test_torch_layout_is_the_authors_pytorch_parameter_order():
+    """hypercl's flat vector: per layer W as (out, in) row-major, then b; Conv kernels as (out, in, kh, kw)."""
+    module = clx.MLP(6, (5,), 3, rngs=nnx.Rngs(1))
+    _, params = clx.FunctionalModel.from_module(module)
+    l0, l1 = params["layers"][0], params["layers"][1]
+    expected = np.concatenate([np.asarray(l0["kernel"]).T.ravel(), l0["bias"], np.asarray(l1["kernel"]).T.ravel(),
+                               l1["bias"]])
+    torch_t = clx.TargetNetwork.from_module(module)  # the default layout
+    np.testing.assert_array_equal(torch_t.flatten(params), expected)
+    assert [p for p, _, _ in torch_t.shapes] == ["layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias"]
+    flax_t = clx.TargetNetwork.from_module(module, layout="flax")
+    np.testing.assert_array_equal(flax_t.flatten(params), np.concatenate(
+        [l0["bias"], np.ravel(l0["kernel"]), l1["bias"], np.ravel(l1["kernel"])]))
+
+    conv = nnx.Conv(2, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
+    _, cparams = clx.FunctionalModel.from_module(conv)
+    ct = clx.TargetNetwork.from_module(conv)
+    np.testing.assert_array_equal(ct.flatten(cparams), np.concatenate(
+        [np.transpose(cparams["kernel"], (3, 2, 0, 1)).ravel(), cparams["bias"]]))  # flax (kh, kw, in, out)
+    back = ct.unflatten(ct.flatten(cparams))
+    np.testing.assert_array_equal(back["kernel"], cparams["kernel"])
+    with pytest.raises(ValueError, match="unknown target layout 'jax'"):
+        clx.TargetNetwork.from_module(module, layout="jax")
 
 
 @pytest.mark.parametrize("chunk_dim", [1, 7, 48, 53, 54, 200])
