@@ -18,7 +18,9 @@ The pieces, all pure functions on pytrees:
 * :class:`TargetNetwork` -- any Flax NNX module as a pure ``apply(params, x)``
   whose parameters come from a flat vector (cut and reshaped into the module's
   parameter template, obtained with ``nnx.eval_shape`` + ``nnx.split``, so the
-  target's weights are never allocated).
+  target's weights are never allocated). By default the vector is laid out as
+  PyTorch stores the parameters (each kernel as (out, in), then its bias), as in the
+  authors' code: which weights share a chunk matters (see the class docstring).
 * :class:`Hypernetwork` -- ``init(key) -> theta`` and ``apply(theta, e) -> (n_target,)``:
   :func:`mlp_hypernetwork` (one output per target weight),
   :func:`chunked_hypernetwork` (the paper's chunking: the same small network
