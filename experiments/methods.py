@@ -177,6 +177,8 @@ def _hnet(config):
     h = config.hnet
     if not h.beta >= 0:
         raise ValueError(f"hnet.beta must be >= 0, got {h.beta}.")
+    if h.layout not in clx.TargetNetwork.LAYOUTS:
+        raise ValueError(f"hnet.layout must be one of {clx.TargetNetwork.LAYOUTS}, got {h.layout!r}.")
     opt = optimizer(config.train)
 
     def make(model):

@@ -54,6 +54,17 @@ def test_bad_config_raises_before_writing(workdir_with_old_results, key, value, 
     assert sorted(os.listdir(workdir)) == ["results.json"]
 
 
+def test_bad_hnet_layout_raises_before_any_method_runs(workdir_with_old_results):
+    workdir, sentinel = workdir_with_old_results
+    c = _cl_tiny.digits_config("gpm,hnet")  # gpm would run first and write its results
+    c.hnet = methods.hnet_config()
+    c.hnet.layout = "jax"
+    with pytest.raises(ValueError, match="hnet.layout must be one of"):
+        run(c, str(workdir))
+    assert sentinel.read_text() == '{"old": true}'
+    assert sorted(os.listdir(workdir)) == ["results.json"]
+
+
 def test_mnist_dir_missing_or_corrupt(tmp_path, workdir_with_old_results):
     workdir, sentinel = workdir_with_old_results
     c = pmnist_gpm.get_config()
@@ -122,21 +133,16 @@ def test_cli_runs_and_rejects_unknown_config_key(tmp_path):
     assert (workdir / "gpm" / "results.json").read_bytes() == before
 
 
-def test_pmnist_hnet_variants():
-    """':paper' is the authors' setup; ':wide' changes exactly the four documented fields."""
+def test_pmnist_hnet_has_the_authors_settings():
+    """hypercl's _set_default_permuted, including the PyTorch layout of the generated vector."""
     from experiments.configs import pmnist_hnet
 
-    paper, wide = pmnist_hnet.get_config(), pmnist_hnet.get_config("wide")
-    assert (paper.data.scale, paper.data.pad, paper.hnet.hidden, paper.hnet.beta) == ("unit", 2, (25, 25), 0.1)
-    assert (wide.data.scale, wide.data.pad, wide.hnet.hidden, wide.hnet.beta) == ("default", 0, (50, 50), 0.01)
-    for k in ("data", "hnet"):
-        wide[k].unlock()
-        paper[k].unlock()
-    for k, f in (("data", "scale"), ("data", "pad"), ("hnet", "hidden"), ("hnet", "beta")):
-        del wide[k][f], paper[k][f]
-    assert wide.to_dict() == paper.to_dict()
-    with pytest.raises(ValueError, match="'paper' or 'wide'"):
-        pmnist_hnet.get_config("wider")
+    c = pmnist_hnet.get_config()
+    h = c.hnet
+    assert (c.data.scale, c.data.pad, c.model.hidden, c.train.lr, c.train.batch_size) == ("unit", 2, (1000, 1000), 1e-4, 128)
+    assert (h.type, h.emb_dim, h.chunk_emb_dim, h.chunk_dim, h.hidden, h.activation) == ("chunked", 24, 8, 78000, (25, 25), "elu")
+    assert (h.beta, h.lookahead, h.layout, h.per_task_heads) == (0.1, True, "torch", True)
+    assert c.train.epochs * -(-60000 // c.train.batch_size) >= 5000  # at least the authors' 5,000 iterations
 
 
 def test_hnet_through_the_script(tmp_path):

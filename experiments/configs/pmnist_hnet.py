@@ -11,35 +11,28 @@ the look-ahead; task id given at test (task-IL). Published: about 97.6 % (Permut
 
 Inputs as in the authors' code: MNIST in [0, 1] (``data.scale='unit'``) padded
 by 2 pixels to 32x32 (``data.pad=2``; 1,024 inputs, 2,126,100 target weights).
-The trainer counts epochs, not iterations: 11 epochs of ceil(60,000 / 128) = 469
+The generated vector is cut into the target's weights in PyTorch's layout, as the
+authors' ``mnets.mlp.MLP`` does (``hnet.layout='torch'``: per layer the weight
+matrix as (out, in), then the bias), so each 78,000-weight chunk holds whole hidden
+units. The trainer counts epochs, not iterations: 11 epochs of ceil(60,000 / 128) = 469
 batches = 5,159 iterations per task (>= the authors' 5,000).
 Set e.g. ``--config.train.epochs=2`` for a shortened run.
 
-Two variants, chosen after the colon (``--config experiments/configs/pmnist_hnet.py:wide``):
-
-* ``paper`` (default): the authors' settings above. Measured on an H100 (seed 0):
-  ACC 96.02 %, BWT -0.01 %, compression ratio 0.955. Below the published 97.6 %:
-  the later tasks are learned worse (task 0 98.1 %, task 9 94.0 %), not forgotten;
-  even with ``hnet.beta=0`` the later tasks only reach about 97.3 %, so the gap is in
-  learning a new task from a hypernetwork trained on the old ones, not in the
-  regularizer. Its cause is not found yet (the init, the optimizers, the look-ahead
-  and the regularizer were checked against ``hypercl``, and a plain-JAX version
-  written without clx, ``benchmarks/hnet_reference.py``, behaves like clx).
-* ``wide``: clx's setting that reaches the target: MNIST standardised and not padded
-  (28x28, 1,886,100 target weights), hypernetwork hidden layers (50, 50), beta 0.01.
-  Measured on an H100 (seed 0): ACC 97.10 %, BWT -0.03 %, compression ratio 2.11 (the
-  hypernetwork is larger than its target here). Each change alone: standardised
-  inputs 96.61 %, beta 0.01 96.64 % (BWT -0.10 %), both 96.79 %, standardised with
-  hidden (50, 50) 96.92 %.
+Measured (seed 0, 2 CPU cores, 4,430 s, part of it sharing the cores with other runs):
+ACC 97.42 %, BWT -0.02 %, forgetting 0.04 %, learning accuracy 97.43 %; after the last
+task 97.8, 97.6, 97.5, 98.0, 97.6, 97.0, 97.5, 97.2, 96.9, 97.1 % on tasks 0-9;
+compression ratio 0.955 (2,029,939 hypernetwork and embedding weights / 2,126,100
+target weights).
+With ``--config.hnet.layout=flax`` (Flax's order: bias first, kernels as (in, out), so a
+chunk holds the outgoing weights of 78 inputs) the same run gives ACC 96.02 %, BWT
+-0.01 % (H100): the later tasks are then learned worse (task 9: 94.0 %), not forgotten.
 """
 
 from experiments.configs.base import base_config, mnist_dir
 from experiments.methods import hnet_config
 
 
-def get_config(variant: str = "paper"):
-    if variant not in ("paper", "wide"):
-        raise ValueError(f"pmnist_hnet takes 'paper' or 'wide' after the colon, got {variant!r}.")
+def get_config():
     c = base_config()
     c.method = "hnet"
     c.data.source = "mnist"
@@ -55,10 +48,5 @@ def get_config(variant: str = "paper"):
     c.train.lr = 1e-4
     c.train.epochs = 11
     c.train.batch_size = 128
-    c.hnet = hnet_config()  # the PMNIST defaults (see experiments/methods.py)
-    if variant == "wide":
-        c.data.scale = "default"
-        c.data.pad = 0
-        c.hnet.hidden = (50, 50)
-        c.hnet.beta = 0.01
+    c.hnet = hnet_config()  # the PMNIST defaults (see experiments/methods.py), layout 'torch'
     return c
