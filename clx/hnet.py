@@ -118,16 +118,15 @@ class TargetNetwork:
         paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
         # self._order[k]: the template leaf stored k-th in the flat vector; self._axes[i]: its transpose there
         self._order, self._axes = list(range(len(leaves))), [None] * len(leaves)
-        if layout == "torch":
-            parent = [p.rsplit("/", 1)[0] if "/" in p else "" for p in paths]
-            is_bias = [p.rsplit("/", 1)[-1] == "bias" for p in paths]
+        if layout == "torch" and paths:
+            parent, _, name = zip(*(p.rpartition("/") for p in paths))  # ("layers/0", "/", "kernel")
             # leaves of one module are contiguous in sorted-path order; move each bias behind its siblings
             rank: dict[str, int] = {}
             for q in parent:
                 rank.setdefault(q, len(rank))
-            self._order = sorted(range(len(leaves)), key=lambda i: (rank[parent[i]], is_bias[i], i))
-            for i, (p, l) in enumerate(zip(paths, leaves)):
-                if p.rsplit("/", 1)[-1] == "kernel" and l.ndim >= 2:
+            self._order = sorted(range(len(leaves)), key=lambda i: (rank[parent[i]], name[i] == "bias", i))
+            for i, l in enumerate(leaves):
+                if name[i] == "kernel" and l.ndim >= 2:
                     self._axes[i] = (l.ndim - 1, l.ndim - 2, *range(l.ndim - 2))  # (out, in, *spatial)
         self.shapes = [(paths[i], tuple(leaves[i].shape), leaves[i].dtype) for i in self._order]
         self._sizes = [int(np.prod(s)) for _, s, _ in self.shapes]
