@@ -2,27 +2,37 @@
 
 Continual-learning methods are pure functional update rules that compose like
 optax transforms (``clx.chain``) and act at task boundaries (``consolidate``).
+The contract is in ``clx.core``; the methods sit in one package per family
+(``clx.projection``, ``clx.regularization``, ``clx.replay``, ``clx.plasticity``,
+``clx.merging``, ``clx.hnet``), on the shared pieces (``clx.subspace``,
+``clx.functional``, ``clx.tree``), trained by ``clx.train``.
 """
 
-from clx import checkpoint, data, hnet, metrics, sharding, subspace
-from clx.core import ContinualTransformation, Evidence, as_continual, chain
+from clx import (checkpoint, data, hnet, merging, metrics, models, plasticity, projection, regularization, replay,
+                 sharding, subspace, train, tree)
+from clx.core import (Batch, ContinualTransformation, Evidence, Model, TappedModel, as_continual, chain)
 from clx.functional import FunctionalModel
-from clx.gpm import GPMState, gpm
 from clx.hnet import (HyperModel, TargetNetwork, chunked_hypernetwork, mlp_hypernetwork, output_regularizer,
                       recurrent_hypernetwork)
 from clx.models import MLP
+from clx.projection import GPMState, gpm
 from clx.subspace import Subspace
+from clx.train import CheckpointOptions, FitResult, fit, fit_members
 
 __all__ = [
     # the core contract
-    "ContinualTransformation", "Evidence", "as_continual", "chain",
+    "Batch", "ContinualTransformation", "Evidence", "Model", "TappedModel", "as_continual", "chain",
     # models as pure functions
-    "FunctionalModel", "MLP",
+    "FunctionalModel", "MLP", "models",
+    # the method families
+    "projection", "regularization", "replay", "plasticity", "merging", "hnet",
     # projection: subspaces and GPM
     "GPMState", "Subspace", "gpm", "subspace",
     # hypernetworks
-    "HyperModel", "TargetNetwork", "chunked_hypernetwork", "hnet", "mlp_hypernetwork", "output_regularizer",
+    "HyperModel", "TargetNetwork", "chunked_hypernetwork", "mlp_hypernetwork", "output_regularizer",
     "recurrent_hypernetwork",
-    # data, metrics, scale
-    "checkpoint", "data", "metrics", "sharding",
+    # training
+    "CheckpointOptions", "FitResult", "fit", "fit_members", "train",
+    # data, metrics, scale, utilities
+    "checkpoint", "data", "metrics", "sharding", "tree",
 ]

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from clx.core import path_str
+from clx.tree import path_str
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 into a static graph and a params pytree (plain nested dicts of arrays), and gives
 
 - ``apply(params, x, task_id) -> logits``, a pure function for jit/grad/vmap;
-- ``apply_recording(params, x, task_id, perturbations=None)``, which also returns
+- ``apply_with_taps(params, x, task_id, perturbations=None)``, which also returns
   the inputs of every ``nnx.Linear`` layer, keyed by the path of its kernel in
   ``params`` (``'layers/0/kernel'``). Adding ``perturbations`` (zeros, one per
   layer, shaped like the layer's pre-bias output) and differentiating with respect
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clx.core import path_str
+from clx.tree import path_str
 
 
 class FunctionalModel:
@@ -90,7 +90,7 @@ class FunctionalModel:
         (int scalar or (batch,) int array; ignored by single-head models)."""
         return self._call(self._merge(params), x, task_id)
 
-    def apply_recording(self, params, x, task_id=None, perturbations: dict | None = None):
+    def apply_with_taps(self, params, x, task_id=None, perturbations: dict | None = None):
         """Logits and the inputs of every Dense layer.
 
         Args:
@@ -116,7 +116,7 @@ class FunctionalModel:
         logits = self._call(module, x, task_id)
         return logits, inputs
 
-    def dense_output_shapes(self, params, x, task_id=None) -> dict[str, jax.ShapeDtypeStruct]:
+    def tap_shapes(self, params, x, task_id=None) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes of each Dense layer's pre-bias output, flattened to (N, m), for ``x``."""
         shapes: dict[str, Any] = {}
 
@@ -139,7 +139,7 @@ def _tap(key: str, dot_general: Callable, inputs: dict, perturbations: dict | No
             if perturbations is not None:
                 raise ValueError(
                     f"Dense layer {key!r} is applied more than once; factored gradients need one call "
-                    "per layer. Train with factored_grads=False."
+                    "per layer. Use a rule that does not declare 'taps'."
                 )
             flat = jnp.concatenate([inputs[key], flat], axis=0)
         inputs[key] = flat

@@ -36,7 +36,7 @@ def test_consolidate_builds_bases_and_update_projects_out_of_them():
     x_old = jax.random.normal(jax.random.key(1), (30, 12)) @ jax.random.normal(jax.random.key(2), (12, 12)) * 0.1
     rule = clx.gpm(0.99, num_samples=30)
     state = rule.init(params)
-    state = jax.jit(rule.consolidate)(state, params, _evidence(model, params, x_old))
+    _, state = jax.jit(rule.consolidate)(state, params, _evidence(model, params, x_old))
     ranks = {k: int(sub.rank(s)) for k, s in state.subspaces.items()}
     assert 0 < ranks["layers/0/kernel"] <= 12 and 0 < ranks["layers/1/kernel"] <= 8
 
@@ -56,13 +56,13 @@ def test_factored_projection_equals_gradient_projection():
     model, params = _model(d=64, hidden=(32,), out=4)
     x = jax.random.normal(jax.random.key(4), (40, 64))
     rule = clx.gpm(0.9, num_samples=40)
-    state = rule.consolidate(rule.init(params), params, _evidence(model, params, x))
+    _, state = rule.consolidate(rule.init(params), params, _evidence(model, params, x))
     xb, yb = jax.random.normal(jax.random.key(5), (3, 64)), jnp.array([0, 1, 2])
-    shapes = model.dense_output_shapes(params, xb)
+    shapes = model.tap_shapes(params, xb)
     zeros = {k: jnp.zeros(s.shape) for k, s in shapes.items()}
 
     def loss(params, pert):
-        logits, inputs = model.apply_recording(params, xb, None, pert)
+        logits, inputs = model.apply_with_taps(params, xb, None, pert)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), inputs
 
     (_, inputs), (grads, deltas) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, zeros)
@@ -81,7 +81,7 @@ def test_training_after_consolidation_keeps_old_outputs():
     x_old = jax.random.normal(jax.random.key(6), (5, 12))  # 5 examples: rank-5 input subspace
     rule = clx.chain(clx.gpm(1.0, num_samples=5), optax.sgd(0.5))
     state = rule.init(params)
-    state = rule.consolidate(state, params, _evidence(model, params, x_old))
+    _, state = rule.consolidate(state, params, _evidence(model, params, x_old))
     before = model.apply(params, x_old)
     x_new = jax.random.normal(jax.random.key(7), (50, 12))
     y_new = jax.random.randint(jax.random.key(8), (50,), 0, 3)
@@ -107,7 +107,7 @@ def test_threshold_list_length_and_schedule_checked():
         clx.gpm(lambda t: 1.2 + t).init(params)
     rule = clx.gpm(lambda t: 0.5 + 0.1 * t, num_samples=4)  # a schedule over tasks, as in GPM's CIFAR setup
     x = jax.random.normal(jax.random.key(0), (4, 12))
-    state = jax.jit(rule.consolidate)(rule.init(params), params, _evidence(model, params, x, t=3))
+    _, state = jax.jit(rule.consolidate)(rule.init(params), params, _evidence(model, params, x, t=3))
     assert int(sub.rank(state.subspaces["layers/0/kernel"])) >= 1
 
 
