@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 
 import numpy as np
@@ -643,3 +644,45 @@ def test_mnist_unit_scale(mnist):
     unit = data.load_source("mnist", MNIST_DIR, scale="unit")
     assert unit.x_train.min() == 0.0 and unit.x_train.max() == 1.0
     np.testing.assert_allclose((unit.x_test[:50] - data.MNIST_MEAN) / data.MNIST_STD, mnist.x_test[:50], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# TaskStream.test_set
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("kind", ["permuted", "rotated", "split_task_il", "split_class_il"])
+def test_test_set_equals_task_test_split(kind, cache, monkeypatch):
+    if not cache:  # the uncached path recomputes the test split every call
+        monkeypatch.setattr("clx.data._streams._TEST_CACHE_BYTES", 0)
+    src = synthetic_source()
+    kw = dict(train_subset=7, class_order="random", max_angle=90.0)
+    for t in range(3):
+        # A fresh stream per order, so neither call can reuse the other's cache.
+        x_te, y_te = make_stream(src, kind, 3, seed=5, **kw).test_set(t)
+        task = make_stream(src, kind, 3, seed=5, **kw).task(t)
+        for got, want in ((x_te, task.x_test), (y_te, task.y_test)):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert got.tobytes() == want.tobytes()
+            assert not got.flags.writeable
+
+
+def test_test_set_builds_no_training_arrays(monkeypatch):
+    monkeypatch.setattr("clx.data._streams._TEST_CACHE_BYTES", 0)
+    src = synthetic_source()
+    stream = make_stream(src, "permuted", 3, seed=1)
+    sizes = []
+    transform = stream._transform
+    monkeypatch.setattr(stream, "_transform", lambda t, x, y: sizes.append(len(x)) or transform(t, x, y))
+    stream.test_set(2)
+    assert sizes == [len(src.y_test)]
+
+
+@pytest.mark.parametrize("bad", [3, -1, 10, 1.0, "0", None])
+def test_test_set_bad_task_id_raises_like_task(bad):
+    stream = make_stream(synthetic_source(), "split_task_il", 3)
+    with pytest.raises((IndexError, TypeError)) as want:
+        stream.task(bad)
+    with pytest.raises(want.type, match="^" + re.escape(str(want.value)) + "$"):
+        stream.test_set(bad)
