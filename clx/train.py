@@ -684,18 +684,27 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
 # --- single programs, for notebooks, tests and benchmarks ------------------------------------------------------------
 
 
-def make_train_steps_fn(model, rule: ContinualTransformation, batch_size: int):
-    """The trainer's own jitted ``train_steps(params, rule_state, x, y, task_ids, key, task, epoch, start, *,
-    num_steps) -> (params, rule_state, loss sum)``: ``num_steps`` batches of the epoch's shuffle
-    ``permutation(shuffle_key(key, task, epoch), n)`` from batch ``start`` (static ``num_steps``;
-    params and rule state donated)."""
-    body = _train_steps_fn(model, lambda hp: rule, batch_size)
+def make_train_steps_fn(model, rule, batch_size: int, *, member_axis: str | None = None) -> Callable[[int], Callable]:
+    """The trainer's own jitted train-steps programs (``fit`` runs exactly these).
 
-    def train_steps(params, rule_state, x, y, task_ids, key, task, epoch, start, *, num_steps):
-        return body(None, params, rule_state, x, y, task_ids, jax.random.key_data(key), task, epoch, start,
-                    num_steps=num_steps)
+    Args:
+      model, batch_size: as in ``fit``.
+      rule: a ContinualTransformation; with ``member_axis``, a function
+        hyperparameter -> rule (as ``fit_members``' ``rule_fn``).
+      member_axis: None (one member), "vmap" or "map" (see ``fit_members``).
 
-    return jax.jit(train_steps, donate_argnums=(0, 1), static_argnames=("num_steps",))
+    Returns:
+      ``programs(num_steps)`` -> jitted ``train_steps(hp, params, rule_state, x, y, task_ids, key_data, task,
+      epoch, start) -> (params, rule_state, loss sum)``: ``num_steps`` batches of the epoch's order
+      ``permutation(shuffle_key(key, task, epoch), n)`` from batch ``start``; params and rule state donated.
+      With ``member_axis``, ``hp`` (M,), ``params``, ``rule_state`` and ``key_data`` (M, 2) carry a leading
+      member axis; without, ``hp`` is ignored.
+    """
+    if member_axis not in (None, "vmap", "map"):
+        raise ValueError(f"member_axis must be None, 'vmap' or 'map', got {member_axis!r}.")
+    rule_fn = rule if member_axis else (lambda hp: rule)
+    needs = (rule_fn(0.0) if member_axis else rule).needs
+    return _programs(model, rule_fn, needs, FitOptions(1, batch_size), member_axis, None).train_steps
 
 
 def make_epoch_fn(model, rule: ContinualTransformation, batch_size: int):
