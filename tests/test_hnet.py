@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import clx
-from clx.core import Evidence
+from clx.core import Evidence, Model, TappedModel
 from clx.hnet import output_regularizer_loss
 
 
@@ -127,7 +127,7 @@ def test_regularizer_gradient_matches_finite_differences():
     lr, beta = 0.05, 0.7
     rule = clx.output_regularizer(hnet, optax.sgd(lr), beta=beta, num_tasks=3)
     state = rule.init(params)
-    state = rule.consolidate(state, params, _evidence(1))  # targets of tasks 0, 1 from these params
+    _, state = rule.consolidate(state, params, _evidence(1))  # targets of tasks 0, 1 from these params
     key = jax.random.key(3)
     # move theta away from theta* so that the regularizer is not at its minimum
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(key, p.shape), params)
@@ -155,7 +155,7 @@ def test_regularizer_gradient_matches_finite_differences():
 def test_regularizer_without_lookahead_evaluates_at_theta():
     _, hnet, _, params = _tiny_setup()
     rule = clx.output_regularizer(hnet, optax.sgd(1.0), beta=1.0, num_tasks=3, lookahead=False)
-    state = rule.consolidate(rule.init(params), params, _evidence(0))
+    _, state = rule.consolidate(rule.init(params), params, _evidence(0))
     moved = dict(params, hnet=jax.tree.map(lambda p: p + 0.05, params["hnet"]))
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = rule.update(zero, state, moved, task_id=jnp.int32(1))
@@ -192,7 +192,7 @@ def test_old_task_weights_stay_put_with_the_regularizer_and_move_without():
         rule = clx.output_regularizer(hnet, optax.adam(1e-2), beta=beta, num_tasks=2)
         train = _trainer(model, rule, x, 300)
         params, state = train(params0, rule.init(params0), y0, jnp.int32(0))
-        state = rule.consolidate(state, params, _evidence(0))
+        _, state = rule.consolidate(state, params, _evidence(0))
         w0 = model.generate_flat(params, 0)
         params, state = train(params, state, y1, jnp.int32(1))
         drift[beta] = float(jnp.linalg.norm(model.generate_flat(params, 0) - w0) / jnp.linalg.norm(w0))
@@ -205,7 +205,7 @@ def test_old_task_weights_stay_put_with_the_regularizer_and_move_without():
 def test_random_subset_regularizes_one_old_task_per_step():
     _, hnet, _, params = _tiny_setup(T=4)
     rule = clx.output_regularizer(hnet, optax.sgd(1.0), beta=1.0, num_tasks=4, lookahead=False, num_sampled=1)
-    state = rule.consolidate(rule.init(params), params, _evidence(2))  # tasks 0, 1, 2 finished
+    _, state = rule.consolidate(rule.init(params), params, _evidence(2))  # tasks 0, 1, 2 finished
     moved = dict(params, hnet=jax.tree.map(lambda p: p + 0.05, params["hnet"]))
     zero = jax.tree.map(jnp.zeros_like, params)
     single = [jax.flatten_util.ravel_pytree(jax.grad(lambda th: output_regularizer_loss(
@@ -224,7 +224,8 @@ def test_consolidate_stores_targets_and_state_shapes_are_fixed():
     _, hnet, model, params = _tiny_setup()
     rule = clx.output_regularizer(hnet, optax.adam(1e-3), beta=0.1, num_tasks=3)
     s0 = rule.init(params)
-    s1 = jax.jit(rule.consolidate)(s0, params, _evidence(0))
+    moves, s1 = jax.jit(rule.consolidate)(s0, params, _evidence(0))
+    assert moves is None  # the regularizer never moves the params
     assert jax.tree.map(jnp.shape, s0) == jax.tree.map(jnp.shape, s1)
     np.testing.assert_allclose(s1.targets[0], model.generate_flat(params, 0), rtol=1e-5, atol=1e-6)
     assert s1.stored.tolist() == [True, False, False] and jnp.all(s1.targets[1:] == 0)
@@ -249,6 +250,7 @@ def test_class_il_apply_masks_other_tasks_and_predict_uses_entropy():
     p = jax.nn.softmax(heads, -1)
     ent = -jnp.sum(p * jnp.log(p), -1)
     assert jnp.array_equal(t_hat, jnp.argmin(ent, 0))
+    assert jnp.array_equal(clx.hnet.entropy_task_inference(heads, 3, model.temperature), t_hat)
     assert jnp.array_equal(pred, 2 * t_hat + jnp.argmax(heads[t_hat, jnp.arange(5)], -1))
     assert jnp.all(model.infer_task(params, x, 1) == 0)  # only task 0 trained: no choice
     assert jnp.all(model.predict(params, x, 0, 0) < 2)  # the untrained baseline still predicts
@@ -259,6 +261,8 @@ def test_compression_ratio_counts_hnet_and_embeddings():
     n_h = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(params))
     assert model.compression_ratio(params) == pytest.approx(n_h / target.num_params)
     assert model.extra_results(params)["target_params"] == target.num_params
+    # a plain clx Model: no Dense taps, so rules that need them refuse it
+    assert isinstance(model, Model) and not isinstance(model, TappedModel)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -299,3 +303,13 @@ def test_bad_inputs_raise_clear_errors():
     rule = clx.output_regularizer(hnet, optax.sgd(0.1), beta=0.1, num_tasks=2)
     with pytest.raises(ValueError, match="task_id"):
         rule.update(params, rule.init(params), params)
+
+
+def test_a_chain_of_two_rules_that_own_an_optimizer_is_refused():
+    _, hnet, _, _ = _tiny_setup()
+    rule = clx.output_regularizer(hnet, optax.sgd(0.1), beta=0.1, num_tasks=3)
+    assert rule.name == "output_regularizer" and "optimizer" in rule.needs
+    with pytest.raises(ValueError, match=r"\['output_regularizer', 'output_regularizer'\].*own optimizer"):
+        clx.chain(clx.output_regularizer(hnet, optax.sgd(0.1), beta=0.1, num_tasks=3),
+                  clx.output_regularizer(hnet, optax.adam(1e-3), beta=0.1, num_tasks=3))
+    clx.chain(optax.clip_by_global_norm(1.0), rule)  # one owner, after a plain optax transform: fine

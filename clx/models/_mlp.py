@@ -1,11 +1,8 @@
-"""Models used by the published continual-learning benchmarks (Flax NNX).
-
-Turn one into a pure function with ``clx.FunctionalModel.from_module``.
-"""
+"""The MLP of the published benchmarks (Flax NNX), with an optional stack of per-task heads."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
