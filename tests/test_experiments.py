@@ -3,17 +3,23 @@
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+import clx
 from experiments import methods
 from experiments.configs import pmnist_gpm
 from experiments.configs.base import SHARED_MNIST
-from experiments.main import run
+from experiments.run import run
 
 import _cl_tiny  # tests/ is on sys.path under pytest
 
@@ -57,7 +63,7 @@ def test_bad_config_raises_before_writing(workdir_with_old_results, key, value, 
 def test_bad_hnet_layout_raises_before_any_method_runs(workdir_with_old_results):
     workdir, sentinel = workdir_with_old_results
     c = _cl_tiny.digits_config("gpm,hnet")  # gpm would run first and write its results
-    c.hnet = methods.hnet_config()
+    c.hnet = methods.get("hnet").config()
     c.hnet.layout = "jax"
     with pytest.raises(ValueError, match="hnet.layout must be one of"):
         run(c, str(workdir))
@@ -146,10 +152,10 @@ def test_pmnist_hnet_has_the_authors_settings():
 
 
 def test_hnet_through_the_script(tmp_path):
-    """The hnet rule is built from the model build_model returns (MethodSpec.rule_from_model), single and members."""
+    """The hnet rule is built from the model its build_model returns (Method.make_rule), single and members."""
     c = _tiny()
     c.method = "hnet"
-    c.hnet = methods.hnet_config()
+    c.hnet = methods.get("hnet").config()
     c.hnet.chunk_dim = 2000
     c.hnet.hidden = (16,)
     c.train.optimizer, c.train.lr = "adam", 1e-3
@@ -162,3 +168,175 @@ def test_hnet_through_the_script(tmp_path):
     run(c, str(tmp_path / "two"))
     summary = json.load(open(tmp_path / "two" / "members_summary.json"))
     assert summary["members"] == 2
+
+
+# --- the registry: every method is one entry; run.py and main.py know none ------------------------------------------
+
+# One line per registered method: the config overrides that make it run in seconds on the tiny digits config.
+METHOD_RUNS = [
+    ("finetune", {}),
+    ("joint", {}),
+    ("gpm", {}),
+    ("hnet", {"hnet.chunk_dim": 2000, "hnet.hidden": (16,), "model.hidden": (32,), "train.optimizer": "adam",
+              "train.lr": 1e-3}),
+]
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _set(c, key, value):
+    section, _, leaf = key.rpartition(".")
+    (c[section] if section else c)[leaf] = value
+
+
+def test_every_registered_method_is_in_the_test_list():
+    assert sorted(name for name, _ in METHOD_RUNS) == sorted(methods.METHODS)
+
+
+@pytest.mark.parametrize("name,overrides", METHOD_RUNS, ids=[n for n, _ in METHOD_RUNS])
+def test_every_method_runs_through_the_script(tmp_path, name, overrides):
+    c = _cl_tiny.digits_config(name)
+    for key, value in overrides.items():
+        _set(c, key, value)
+    r = run(c, str(tmp_path))[name]
+    saved = _json(tmp_path / "results.json")
+    assert saved["method"] == name and np.isfinite(saved["acc"]) and r["acc"] > 0.2  # chance is 0.1
+    method = methods.get(name)
+    assert (name in c) == (method.config is not None)  # base_config added its block
+    for key in method.sweepable:  # each sweepable key is in the config (a float, or per-layer floats)
+        section, _, leaf = key.rpartition(".")
+        assert leaf in c[section], key
+
+
+class L2State(NamedTuple):
+    anchor: object  # the params at the end of the last task
+    seen: jax.Array  # float32 scalar, 1 after the first task
+
+
+def l2(lam):
+    """A minimal continual rule: adds lam * (params - anchor) to the gradient; the anchor is set at consolidate."""
+
+    def init(params):
+        return L2State(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None, **extra):
+        del extra
+        return jax.tree.map(lambda g, p, a: g + lam * state.seen * (p - a), updates, params, state.anchor), state
+
+    def consolidate(state, params, evidence):
+        del evidence
+        return None, L2State(jax.tree.map(jnp.copy, params), jnp.ones((), jnp.float32))
+
+    return clx.ContinualTransformation(init, update, consolidate, name="l2")
+
+
+def _l2_config():
+    c = ml_collections.ConfigDict()
+    c.lam = 1.0  # strength of the pull to the last task's params
+    return c
+
+
+def _l2_rule(config, model, hp=None):
+    del model
+    return clx.chain(l2(methods.swept(config, hp, "l2.lam", config.l2.lam)), methods.optimizer(config, hp))
+
+
+def _l2_results(rule_state, member):
+    anchor = next(s for s in rule_state if isinstance(s, L2State)).anchor
+    sq = sum(np.sum(np.square(np.asarray(a if member is None else a[member]))) for a in jax.tree.leaves(anchor))
+    return {"l2_anchor_norm": float(np.sqrt(sq))}
+
+
+@pytest.fixture
+def l2_method():
+    method = methods.register(methods.Method("l2", _l2_rule, config=_l2_config, sweepable=("l2.lam", "train.lr"),
+                                             results=_l2_results))
+    yield method
+    methods.METHODS.pop("l2", None)
+
+
+def test_a_new_method_needs_no_edit_to_main_or_run(tmp_path, l2_method):
+    c = _cl_tiny.digits_config("l2")  # base_config adds the l2 block of the registered entry
+    assert c.l2.lam == 1.0
+    r = run(c, str(tmp_path / "one"))["l2"]
+    saved = _json(tmp_path / "one" / "results.json")
+    assert saved["method"] == "l2" and saved["l2_anchor_norm"] == r["l2_anchor_norm"] > 0
+    assert r["acc"] > 0.2
+    env = saved["environment"]
+    for dist in ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "clx"):
+        assert isinstance(env[dist], str) and env[dist][0].isdigit(), dist
+    # its own hyperparameter sweeps as members of one program
+    c.sweep.key, c.sweep.grid = "l2.lam", (0.0, 10.0)
+    run(c, str(tmp_path / "sweep"))
+    for v in ("0", "10"):
+        res = _json(tmp_path / "sweep" / f"l2.lam={v}_seed_0" / "results.json")
+        assert res["member"]["l2.lam"] == float(v) and res["l2_anchor_norm"] > 0
+
+
+def test_main_and_run_name_no_method():
+    import ast
+
+    for path in ("experiments/main.py", "experiments/run.py"):
+        with open(os.path.join(REPO, path)) as f:
+            tree = ast.parse(f.read())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
+            n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(n.body[0], ast.Expr)}
+        words = set()
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:
+                words.update(w for w in re.split(r"\W+", n.value.lower()) if w)
+            elif isinstance(n, ast.Name):
+                words.update(n.id.lower().split("_"))
+            elif isinstance(n, ast.Attribute):
+                words.update(n.attr.lower().split("_"))
+        assert not words & set(methods.METHODS), (path, words & set(methods.METHODS))
+
+
+def test_registering_a_name_twice_is_an_error(l2_method):
+    with pytest.raises(ValueError, match="'l2' is already registered"):
+        methods.register(methods.Method("l2", _l2_rule))
+    with pytest.raises(ValueError, match="lower-case Python identifier"):
+        methods.Method("L-2", _l2_rule)
+
+
+def test_a_method_without_its_config_block_raises_before_writing(workdir_with_old_results, l2_method):
+    workdir, sentinel = workdir_with_old_results
+    c = _cl_tiny.digits_config("gpm,l2")
+    del c["l2"]
+    with pytest.raises(ValueError, match=r"'l2' needs a config.l2 block.*`c.l2 = methods.get\('l2'\).config\(\)`"):
+        run(c, str(workdir))
+    assert sentinel.read_text() == '{"old": true}'
+    assert sorted(os.listdir(workdir)) == ["results.json"]
+
+
+def test_sweeping_a_key_the_method_does_not_list_raises_before_writing(tmp_path, l2_method):
+    c = _cl_tiny.digits_config("l2")
+    c.sweep.key, c.sweep.grid = "gpm.threshold", (0.9,)
+    with pytest.raises(ValueError, match=r"not supported for method 'l2' \(it sweeps \['l2.lam', 'train.lr'\]\)"):
+        run(c, str(tmp_path))
+    c.sweep.key, c.sweep.grid = "l2.lam", (0.5,)
+    c.method = "l2,hnet"
+    with pytest.raises(ValueError, match="not supported for method 'hnet' .it has no sweepable hyperparameter"):
+        run(c, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_swept_value_raises_before_writing(tmp_path):
+    c = _tiny()
+    c.sweep.key, c.sweep.grid = "train.lr", (0.1, -1.0)
+    with pytest.raises(ValueError, match="train.lr must be > 0, got -1.0"):
+        run(c, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_method_lists_the_known_ones():
+    known = r"known methods: \['finetune', 'gpm', 'hnet', 'joint'\]"
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['nosuch'\]; " + known):
+        methods.parse("gpm,nosuch")
+    with pytest.raises(ValueError, match="unknown method 'nosuch'; " + known):
+        methods.get("nosuch")
+    with pytest.raises(ValueError, match=known):
+        run(_cl_tiny.digits_config("nosuch"), "/nonexistent/never/written")

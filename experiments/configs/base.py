@@ -1,8 +1,14 @@
-"""Defaults shared by every experiment config; each config file edits a copy."""
+"""Defaults shared by every experiment config; each config file edits a copy.
+
+The method blocks (``c.gpm``, ``c.hnet``, ...) come from the registry: every
+registered method's ``config()`` with its paper's defaults (experiments/methods/).
+"""
 
 import os
 
 import ml_collections
+
+from experiments import methods
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_MNIST = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
@@ -22,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # A small grid of one scalar hyperparameter, vmapped with the seeds (members = values x seeds).
     c.sweep = ml_collections.ConfigDict()
-    c.sweep.key = ""  # '' (none) | 'gpm.threshold' (one value for every layer) | 'train.lr'
+    c.sweep.key = ""  # '' (none) | a key each method lists in `sweepable`: 'gpm.threshold' (every layer), 'train.lr'
     c.sweep.grid = ()  # the values of sweep.key
 
     # Checkpoints in <workdir>[/<method>]/checkpoints; a workdir holding one resumes from it.
@@ -69,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 10
     c.train.eval_batch_size = 1000
 
-    c.gpm = ml_collections.ConfigDict()
-    c.gpm.threshold = (0.95, 0.99, 0.99)  # per projected layer, or one float
-    c.gpm.num_samples = 300
+    for name, method in methods.METHODS.items():  # c.gpm, c.hnet, ...: each method's block and defaults
+        if method.config is not None:
+            if name in c:
+                raise ValueError(f"method {name!r} names a config block that base_config already has; rename it.")
+            c[name] = method.config()
     return c

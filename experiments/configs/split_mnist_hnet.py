@@ -20,7 +20,6 @@ The trainer counts epochs: 21 epochs of ~93 batches of 128 (each task holds
 """
 
 from experiments.configs.base import base_config, mnist_dir
-from experiments.methods import hnet_config
 
 
 def get_config(scenario: str = "task_il"):
@@ -39,7 +38,7 @@ def get_config(scenario: str = "task_il"):
     c.train.lr = 1e-3
     c.train.epochs = 21
     c.train.batch_size = 128
-    h = hnet_config()
+    h = c.hnet
     h.type = "chunked"
     h.emb_dim = 96
     h.chunk_dim = 42000
@@ -47,5 +46,4 @@ def get_config(scenario: str = "task_il"):
     h.hidden = (10, 10)
     h.activation = "relu"
     h.beta = 0.01
-    c.hnet = h
     return c

@@ -1,0 +1,175 @@
+"""The registry: one :class:`Method` entry per method holds everything the experiment script knows of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+import clx
+
+DATA_MODES = ("sequential", "joint")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def build_mlp(config, stream, seed: int):
+    """The ``clx.MLP`` of ``config.model`` for ``stream``, as (FunctionalModel, params)."""
+    module = clx.MLP(
+        int(np.prod(stream.input_shape)), tuple(config.model.hidden), stream.num_outputs,
+        num_heads=stream.num_heads, use_bias=config.model.use_bias, init=config.model.init,
+        rngs=nnx.Rngs(seed),
+    )
+    return clx.FunctionalModel.from_module(module)
+
+
+def _no_results(rule_state, member) -> dict:
+    del rule_state, member
+    return {}
+
+
+def _default_evidence_samples(config) -> int:
+    del config
+    return 300
+
+
+def _no_check(config) -> None:
+    del config
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Everything the experiment script knows of one method; ``experiments/run.py`` names none.
+
+    Attributes:
+      name: the name in ``config.method`` (lower case), and of its config block.
+      make_rule: ``(config, model, hp=None) -> rule``, the ContinualTransformation
+        (the method chained with its optimizer) that trains ``model`` (what
+        ``build_model`` returned). ``hp`` is None (every value from the config) or
+        the value of ``config.sweep.key`` for one member: a float, or a traced
+        scalar inside the vmapped program. Raises ValueError for a bad value,
+        e.g. a GPM threshold outside (0, 1]; the script builds the rule with
+        every grid value before it writes anything.
+      config: ``() -> ConfigDict``, the method's ``config.<name>`` block with the
+        paper's defaults (``configs/base.py`` adds it to every config), or None.
+      sweepable: the ``config.sweep.key`` values ``make_rule`` takes as ``hp``.
+      results: ``(rule_state, member) -> dict`` of JSON-able entries added to
+        results.json; ``member`` is None (one run) or the member's index on the
+        state's leading axis.
+      data_mode: "sequential" (task t trains on task t) or "joint" (on tasks 0..t).
+      build_model: ``(config, stream, seed) -> (model, params)``.
+      evidence_samples: ``config -> int``, examples per task in the evidence
+        handed to ``consolidate``.
+      check: ``config -> None``; raises ValueError for a bad ``config.<name>``
+        value that ``make_rule`` would only see later (called before any method runs).
+    """
+
+    name: str
+    make_rule: Callable[..., clx.ContinualTransformation]
+    config: Callable[[], ml_collections.ConfigDict] | None = None
+    sweepable: tuple[str, ...] = ("train.lr",)
+    results: Callable[[Any, int | None], dict] = _no_results
+    data_mode: str = "sequential"
+    build_model: Callable[..., tuple[Any, Any]] = build_mlp
+    evidence_samples: Callable[[ml_collections.ConfigDict], int] = _default_evidence_samples
+    check: Callable[[ml_collections.ConfigDict], None] = _no_check
+
+    def __post_init__(self):
+        if not (self.name.isidentifier() and self.name == self.name.lower()):
+            raise ValueError(f"a method name must be a lower-case Python identifier (it names config.<name>), "
+                             f"got {self.name!r}.")
+        if self.data_mode not in DATA_MODES:
+            raise ValueError(f"method {self.name!r}: data_mode must be one of {DATA_MODES}, got {self.data_mode!r}.")
+        object.__setattr__(self, "sweepable", tuple(self.sweepable))
+
+    @property
+    def cumulative(self) -> bool:
+        """``fit``'s ``cumulative``: True in the joint data mode."""
+        return self.data_mode == "joint"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Adds ``method`` to :data:`METHODS`; returns it.
+
+    Raises:
+      ValueError: a method of that name is already registered.
+    """
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered; pick another name.")
+    METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    """The registered method ``name``.
+
+    Raises:
+      ValueError: an unknown name (the message lists the known ones).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def parse(method: str) -> list[str]:
+    """Splits ``config.method`` ('gpm' or 'gpm,finetune') and checks each name.
+
+    Raises:
+      ValueError: an empty, repeated or unknown method name (the message lists the known ones).
+    """
+    names = [m.strip().lower() for m in str(method).split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"config.method is empty; choose from {sorted(METHODS)}.")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known methods: {sorted(METHODS)}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.method names a method twice: {names}.")
+    return names
+
+
+def check_config(method: Method, config) -> None:
+    """Raises ValueError if ``config`` lacks ``method``'s block, or ``method.check`` finds a bad value."""
+    if method.config is not None and method.name not in config:
+        raise ValueError(f"method {method.name!r} needs a config.{method.name} block, and this config has none: "
+                         f"add `c.{method.name} = methods.get({method.name!r}).config()` to the config file "
+                         "(configs/base.py adds the block of every method registered before base_config() runs).")
+    method.check(config)
+
+
+def check_sweep(method: Method, key: str) -> None:
+    """Raises ValueError if ``method`` does not list ``key`` in ``sweepable``."""
+    if key not in method.sweepable:
+        can = f"it sweeps {list(method.sweepable)}" if method.sweepable else "it has no sweepable hyperparameter"
+        raise ValueError(f"config.sweep.key={key!r} cannot be swept: it is not supported for method "
+                         f"{method.name!r} ({can}).")
+
+
+def swept(config, hp, key: str, default):
+    """``hp`` when ``config.sweep.key`` is ``key`` and ``hp`` is given, else ``default`` (for ``make_rule``)."""
+    return hp if hp is not None and config.sweep.key == key else default
+
+
+def optimizer(config, hp=None) -> optax.GradientTransformation:
+    """The base optimizer of ``config.train`` (``optimizer``, ``lr``, ``momentum``).
+
+    ``hp`` replaces ``train.lr`` when ``config.sweep.key == "train.lr"`` (a float or
+    a traced scalar). Raises ValueError for an unknown optimizer or a concrete lr <= 0.
+    """
+    train = config.train
+    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown train.optimizer {train.optimizer!r}; choose one of {OPTIMIZERS}.")
+    lr = swept(config, hp, "train.lr", train.lr)
+    value = clx.tree.concrete_float(lr)
+    if value is not None and not value > 0:
+        raise ValueError(f"train.lr must be > 0, got {value}.")
+    if train.optimizer == "adam":
+        return optax.adam(lr)
+    return optax.sgd(lr, momentum=train.momentum or None)

@@ -1,0 +1,247 @@
+"""Runs the methods of a config and writes their results (``experiments.main`` parses the flags and calls ``run``).
+
+Every method of ``config.method`` (comma-separated) runs on the same stream from
+the same initial params. One method writes ``results.json``,
+``accuracy_matrix.csv`` and ``accuracy_matrix.png`` into the workdir; several
+write them into ``<workdir>/<method>/`` plus ``summary.json`` / ``summary.txt``.
+Everything that can be wrong with the config or the data is checked before
+anything in the workdir is written (``prepare``).
+
+This module knows no method: everything about one (its rule, config block,
+sweepable keys, results entries, data mode) is its entry in ``experiments.methods``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+
+import jax
+import numpy as np
+
+import clx
+from clx import data, sharding
+from clx.train import CheckpointOptions, fit, fit_members
+from experiments import methods, report
+
+# Config keys that do not change what a run computes, left out of the checkpoint fingerprint.
+_NOT_FINGERPRINTED = ("progress", "checkpoint", "mesh", "distributed", "data.dir")
+METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
+# Distributions whose versions go into every results.json ("environment").
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "clx")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked config: what ``run`` runs. Built by :func:`prepare`, which writes nothing."""
+
+    methods: list[methods.Method]
+    stream: data.TaskStream
+    members: list[tuple[int, float | None]]  # (seed, sweep value) per member; [(seed, None)] for a plain run
+    mesh: jax.sharding.Mesh | None
+    first: dict[str, tuple]  # method name -> (model, params) of the first member (built by the checks)
+
+
+def prepare(config) -> Plan:
+    """Validates the config, loads the data and builds every method's rule once per sweep value; writes nothing.
+
+    Raises:
+      ValueError / FileNotFoundError: an unknown method, stream kind or dataset name;
+        a method's missing config block or bad value (e.g. a GPM threshold, also a
+        swept one); a key a method cannot sweep; missing or corrupt data; labels
+        out of range; a batch size the mesh does not divide.
+    """
+    chosen = [methods.get(name) for name in methods.parse(config.method)]
+    if config.stream.kind not in data.KINDS:
+        raise ValueError(f"unknown stream.kind {config.stream.kind!r}; choose one of {sorted(data.KINDS)}.")
+    for method in chosen:
+        methods.check_config(method, config)
+    members = _members(config, chosen)
+    source = data.load_source(config.data.source, config.data.dir or None, scale=config.data.scale,
+                              pad=config.data.pad)
+    stream = data.make_stream(
+        source, config.stream.kind, config.stream.num_tasks, seed=config.seed,
+        max_angle=config.stream.max_angle, class_order=config.stream.class_order,
+        train_subset=config.stream.train_subset or None,
+    )
+    mesh = make_data_mesh(config)
+    if mesh is not None:
+        sharding.check_batch_size(config.train.batch_size, mesh)
+    first = {}
+    for method in chosen:
+        model, params = method.build_model(config, stream, members[0][0])
+        for value in dict.fromkeys(v for _, v in members):  # each sweep value once (None: no sweep)
+            rule = method.make_rule(config, model, value)
+            jax.eval_shape(rule.init, params)  # the rule's own checks against the params, without allocating
+        first[method.name] = (model, params)
+    return Plan(chosen, stream, members, mesh, first)
+
+
+def _members(config, chosen) -> list[tuple[int, float | None]]:
+    """(seed, sweep value) of every member: values x seeds; one member (seed, None) without seeds or sweep."""
+    seeds = [int(s) for s in (config.seeds or (config.seed,))]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.seeds repeats a seed: {list(config.seeds)}.")
+    key = config.sweep.key
+    if not key:
+        if len(config.sweep.grid):
+            common = sorted(set.intersection(*(set(m.sweepable) for m in chosen)))
+            raise ValueError("config.sweep.grid is set but config.sweep.key is empty; name the hyperparameter, "
+                             f"one of {common} for {[m.name for m in chosen]}.")
+        return [(s, None) for s in seeds]
+    for method in chosen:
+        methods.check_sweep(method, key)
+    values = [float(v) for v in config.sweep.grid]
+    if not values:
+        raise ValueError(f"config.sweep.key={key!r} needs config.sweep.grid, e.g. (0.95, 0.97, 0.99).")
+    return [(s, v) for v in values for s in seeds]
+
+
+def make_data_mesh(config):
+    """The data-parallel mesh of ``config.mesh``, or None (one device / mesh.enabled=off).
+
+    Raises:
+      ValueError: an unknown mesh.enabled, a shape that does not match the devices.
+    """
+    mode = str(config.mesh.enabled).lower()
+    if mode not in ("auto", "on", "off", "true", "false"):
+        raise ValueError(f"config.mesh.enabled must be auto, on or off, got {config.mesh.enabled!r}.")
+    if mode in ("off", "false") or (mode == "auto" and jax.device_count() == 1 and not config.mesh.shape):
+        return None
+    return sharding.make_mesh(tuple(config.mesh.shape) or None)
+
+
+def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
+    """Runs every method of the config; returns {method: results dict} (the first member's with several members).
+
+    ``on_save(checkpoint_number, position)`` is passed to ``fit`` (tests use it).
+    """
+    plan = prepare(config)
+    several = len(plan.methods) > 1
+    rows = {}
+    for method in plan.methods:
+        out = os.path.join(workdir, method.name) if several else workdir
+        rows[method.name] = _run_method(method, plan, config, out, on_save)
+    if several and jax.process_index() == 0:
+        print(report.write_summary(workdir, rows))
+    return rows
+
+
+def _run_method(method, plan, config, out, on_save) -> dict:
+    """Trains ``method`` (all members in one program), writes its results under ``out``; returns the first's."""
+    name, members, key = method.name, plan.members, config.sweep.key
+    ckpt = None
+    if config.checkpoint.enabled:
+        ckpt = CheckpointOptions(os.path.join(out, "checkpoints"), every_steps=int(config.checkpoint.every_steps),
+                                 max_to_keep=int(config.checkpoint.max_to_keep),
+                                 info={"method": name, "config": _fingerprint_config(config, plan.methods)})
+    common = dict(epochs=config.train.epochs, batch_size=config.train.batch_size,
+                  evidence_samples=int(method.evidence_samples(config)), cumulative=method.cumulative,
+                  eval_batch_size=config.train.eval_batch_size, progress=config.progress, desc=f"{name} ",
+                  mesh=plan.mesh, checkpoint=ckpt, on_save=on_save)
+    model, params = plan.first[name]
+    # Model-specific facts (e.g. a hypernetwork's compression ratio); shapes only, read before fit donates params.
+    extra = model.extra_results(params) if hasattr(model, "extra_results") else {}
+    if len(members) == 1 and not key:  # the plain path (bit-identical to a run without members)
+        result = fit(model, params, method.make_rule(config, model), plan.stream, seed=members[0][0], **common)
+        per_member = [(None, result.accuracy_matrix, result.random_baseline, result.losses,
+                       method.results(result.rule_state, None))]
+    else:
+        params_list = [params] + [method.build_model(config, plan.stream, s)[1] for s, _ in members[1:]]
+        hps = [0.0 if v is None else v for _, v in members]
+        result = fit_members(model, params_list, lambda hp: method.make_rule(config, model, None if not key else hp),
+                             hps, plan.stream, seeds=[s for s, _ in members], **common)
+        per_member = [((s, v), result.accuracy_matrix[m], result.random_baseline[m], result.losses[m],
+                       method.results(result.rule_state, m)) for m, (s, v) in enumerate(members)]
+    member_rows = {}
+    for who, acc, baseline, losses, method_results in per_member:
+        results = {
+            "method": name,
+            "accuracy_matrix": acc,
+            **clx.metrics.summarize(acc, baseline),
+            "random_baseline": baseline,
+            "wall_seconds": result.wall_seconds,
+            "train_seconds": result.train_seconds,
+            "data_seconds": result.data_seconds,
+            "epoch_losses": losses,
+            "config": config.to_dict(),
+            "environment": environment(),
+            **extra,
+            **method_results,
+        }
+        if result.resumed_from is not None:
+            results["resumed_from"] = result.resumed_from
+        member_out = out
+        if who is not None:
+            results["member"] = {"seed": who[0], "members": len(members),
+                                 **({key: who[1]} if who[1] is not None else {})}
+            member_out = os.path.join(out, _member_name(who[0], who[1], key))
+        if jax.process_index() == 0:
+            report.write_results(member_out, results)
+        member_rows[member_out] = results
+    first = next(iter(member_rows.values()))
+    if per_member[0][0] is None:
+        print(f"{name}: ACC {100 * first['acc']:.2f}%  BWT {100 * first['bwt']:.2f}%  "
+              f"wall {result.wall_seconds:.1f}s  -> {os.path.join(out, 'results.json')}", flush=True)
+        return first
+    summary = _members_summary(name, members, key, member_rows, result.wall_seconds)
+    if jax.process_index() == 0:
+        with open(os.path.join(out, "members_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    for group in summary["groups"]:
+        print(f"{name} {group['name']}: ACC {100 * group['acc_mean']:.2f} +- {100 * group['acc_std']:.2f}%  "
+              f"BWT {100 * group['bwt_mean']:.2f} +- {100 * group['bwt_std']:.2f}%  ({group['members']} seeds)",
+              flush=True)
+    print(f"{name}: {len(members)} members in one vmapped program, wall {result.wall_seconds:.1f}s -> "
+          f"{os.path.join(out, 'members_summary.json')}", flush=True)
+    return first
+
+
+def environment() -> dict:
+    """Where the results came from: package versions, backend, devices, processes, CPUs, Python."""
+    versions = {}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        **versions, "backend": jax.default_backend(), "devices": jax.device_count(),
+        "processes": jax.process_count(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+    }
+
+
+def _member_name(seed, value, key):
+    return f"seed_{seed}" if value is None else f"{key}={value:g}_seed_{seed}"
+
+
+def _fingerprint_config(config, chosen) -> dict:
+    """The config without the keys of ``_NOT_FINGERPRINTED`` and the blocks of registered methods not chosen."""
+    d = config.to_dict()
+    for name in set(methods.METHODS) - {m.name for m in chosen}:
+        d.pop(name, None)
+    for k in _NOT_FINGERPRINTED:
+        section, _, leaf = k.rpartition(".")
+        (d.get(section, {}) if section else d).pop(leaf, None)
+    return d
+
+
+def _members_summary(name, members, key, member_rows, wall) -> dict:
+    """Mean and std (ddof=0) of every metric over each sweep value's seeds (one group without a sweep)."""
+    rows = list(member_rows.values())
+    groups = {}
+    for (seed, value), row in zip(members, rows):
+        groups.setdefault(value, []).append(row)
+    out = {"method": name, "sweep_key": key or None, "members": len(members), "wall_seconds": wall,
+           "member_dirs": [os.path.basename(d) for d in member_rows], "groups": []}
+    for value, grp in groups.items():
+        g = {"name": "all seeds" if value is None else f"{key}={value:g}", "value": value, "members": len(grp),
+             "seeds": [r["member"]["seed"] for r in grp]}
+        for m in METRICS:
+            vals = np.array([float(r[m]) for r in grp])
+            g[f"{m}_mean"], g[f"{m}_std"] = float(np.mean(vals)), float(np.std(vals))
+        out["groups"].append(g)
+    return out
