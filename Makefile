@@ -12,11 +12,12 @@ PYTHON ?= $(shell for c in python3.12 python3.13 python3; do \
 
 .PHONY: venv demo test pmnist bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "error: clx needs Python >= 3.12; install it or pass PYTHON=/path/to/python3.12" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -25,6 +26,8 @@ demo: venv
 	$(PY) -m experiments.main --config experiments/configs/digits_default.py --workdir $(WORKDIR)
 
 test: venv
+	$(VENV)/bin/ruff check clx experiments tests benchmarks
+	$(VENV)/bin/ruff format --check clx experiments tests benchmarks
 	$(PY) -m pytest -q -n 2 tests
 
 pmnist: venv

@@ -8,12 +8,32 @@ The contract is in ``clx.core``; the methods sit in one package per family
 ``clx.functional``, ``clx.tree``), trained by ``clx.train``.
 """
 
-from clx import (checkpoint, data, hnet, merging, metrics, models, plasticity, projection, regularization, replay,
-                 sharding, subspace, train, tree)
-from clx.core import (Batch, ContinualTransformation, Evidence, Model, TappedModel, as_continual, chain)
+from clx import (
+    checkpoint,
+    data,
+    hnet,
+    merging,
+    metrics,
+    models,
+    plasticity,
+    projection,
+    regularization,
+    replay,
+    sharding,
+    subspace,
+    train,
+    tree,
+)
+from clx.core import Batch, ContinualTransformation, Evidence, Model, TappedModel, as_continual, chain
 from clx.functional import FunctionalModel
-from clx.hnet import (HyperModel, TargetNetwork, chunked_hypernetwork, mlp_hypernetwork, output_regularizer,
-                      recurrent_hypernetwork)
+from clx.hnet import (
+    HyperModel,
+    TargetNetwork,
+    chunked_hypernetwork,
+    mlp_hypernetwork,
+    output_regularizer,
+    recurrent_hypernetwork,
+)
 from clx.models import MLP
 from clx.projection import GPMState, gpm
 from clx.subspace import Subspace
@@ -21,18 +41,46 @@ from clx.train import CheckpointOptions, FitResult, fit, fit_members
 
 __all__ = [
     # the core contract
-    "Batch", "ContinualTransformation", "Evidence", "Model", "TappedModel", "as_continual", "chain",
+    "Batch",
+    "ContinualTransformation",
+    "Evidence",
+    "Model",
+    "TappedModel",
+    "as_continual",
+    "chain",
     # models as pure functions
-    "FunctionalModel", "MLP", "models",
+    "FunctionalModel",
+    "MLP",
+    "models",
     # the method families
-    "projection", "regularization", "replay", "plasticity", "merging", "hnet",
+    "projection",
+    "regularization",
+    "replay",
+    "plasticity",
+    "merging",
+    "hnet",
     # projection: subspaces and GPM
-    "GPMState", "Subspace", "gpm", "subspace",
+    "GPMState",
+    "Subspace",
+    "gpm",
+    "subspace",
     # hypernetworks
-    "HyperModel", "TargetNetwork", "chunked_hypernetwork", "mlp_hypernetwork", "output_regularizer",
+    "HyperModel",
+    "TargetNetwork",
+    "chunked_hypernetwork",
+    "mlp_hypernetwork",
+    "output_regularizer",
     "recurrent_hypernetwork",
     # training
-    "CheckpointOptions", "FitResult", "fit", "fit_members", "train",
+    "CheckpointOptions",
+    "FitResult",
+    "fit",
+    "fit_members",
+    "train",
     # data, metrics, scale, utilities
-    "checkpoint", "data", "metrics", "sharding", "tree",
+    "checkpoint",
+    "data",
+    "metrics",
+    "sharding",
+    "tree",
 ]

@@ -120,14 +120,17 @@ class Checkpointer:
 
     def __init__(self, directory: str, fingerprint: dict, *, max_to_keep: int = 3, async_save: bool = True):
         if int(max_to_keep) < 2:
-            raise ValueError(f"max_to_keep must be >= 2 so that a corrupt newest checkpoint has a fallback, got {max_to_keep}.")
+            raise ValueError(
+                f"max_to_keep must be >= 2 so that a corrupt newest checkpoint has a fallback, got {max_to_keep}."
+            )
         import orbax.checkpoint as ocp  # imported here: `import clx` stays fast
 
         self._ocp = ocp
         self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
         self.fingerprint = to_jsonable(fingerprint)
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(max_to_keep), create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(max_to_keep), create=True, enable_async_checkpointing=async_save
+        )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._next = (max(self._mngr.all_steps()) + 1) if self._mngr.all_steps() else 0
 
@@ -143,8 +146,9 @@ class Checkpointer:
         ocp = self._ocp
         step = self._next
         meta = to_jsonable({**meta, "fingerprint": self.fingerprint})
-        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                      meta=ocp.args.JsonSave(meta)), force=True)
+        self._mngr.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True
+        )
         self._next += 1
         return step
 
@@ -166,8 +170,13 @@ class Checkpointer:
         if not steps:
             return None
         abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, "sharding", None))
-            if isinstance(a, (jax.Array, jax.ShapeDtypeStruct)) else a, target)
+            lambda a: (
+                jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, "sharding", None))
+                if isinstance(a, (jax.Array, jax.ShapeDtypeStruct))
+                else a
+            ),
+            target,
+        )
         errors = []
         for step in steps:
             try:
@@ -181,20 +190,27 @@ class Checkpointer:
                 diff = _diff(saved, self.fingerprint)
                 raise CheckpointMismatchError(
                     f"the checkpoint {step} in {self.directory} was written by a different run:\n  "
-                    + "\n  ".join(diff[:20]) + ("\n  ..." if len(diff) > 20 else "")
+                    + "\n  ".join(diff[:20])
+                    + ("\n  ..." if len(diff) > 20 else "")
                     + "\nUse a fresh --workdir (or delete its 'checkpoints' directory) to start this config over, "
                     "or rerun with the checkpoint's config to resume it."
                 )
             try:
-                tree = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+                tree = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+                    "state"
+                ]
                 jax.block_until_ready(tree)
             except Exception as e:  # noqa: BLE001
                 errors.append((step, e))
                 self._warn(step, e, steps)
                 continue
             if errors:
-                print(f"clx.checkpoint: resumed from checkpoint {step} in {self.directory} "
-                      f"(newer ones unreadable: {[s for s, _ in errors]}).", file=sys.stderr, flush=True)
+                print(
+                    f"clx.checkpoint: resumed from checkpoint {step} in {self.directory} "
+                    f"(newer ones unreadable: {[s for s, _ in errors]}).",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._next = max(steps) + 1
             return tree, meta
         raise RuntimeError(
@@ -205,9 +221,11 @@ class Checkpointer:
 
     def _warn(self, step, error, steps):
         older = [s for s in steps if s < step]
-        msg = (f"clx.checkpoint: checkpoint {step} in {self.directory} is unreadable "
-               f"({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}); "
-               + (f"falling back to checkpoint {older[0]}." if older else "no older checkpoint left."))
+        msg = (
+            f"clx.checkpoint: checkpoint {step} in {self.directory} is unreadable "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}); "
+            + (f"falling back to checkpoint {older[0]}." if older else "no older checkpoint left.")
+        )
         log.warning(msg)
         print(msg, file=sys.stderr, flush=True)
 

@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-
 Params = Any
 Updates = Any
 State = Any
@@ -218,21 +217,28 @@ def check_needs(rule: ContinualTransformation, model, tap_shapes: dict | None = 
     who = needers(rule)
     unknown = sorted(set(who) - set(NEEDS))
     if unknown:
-        raise ValueError(f"rule(s) {[n for k in unknown for n in who[k]]} declare unknown needs {unknown}; "
-                         f"known: {sorted(NEEDS)}.")
+        raise ValueError(
+            f"rule(s) {[n for k in unknown for n in who[k]]} declare unknown needs {unknown}; known: {sorted(NEEDS)}."
+        )
     for need in ("taps", "representations"):
         if need not in who:
             continue
         if not isinstance(model, TappedModel):
-            raise ValueError(f"rule {who[need][0]!r} needs {need!r} ({NEEDS[need]}), but the model "
-                             f"{type(model).__name__} has no apply_with_taps/tap_shapes; use a clx.FunctionalModel "
-                             "or drop the rule.")
+            raise ValueError(
+                f"rule {who[need][0]!r} needs {need!r} ({NEEDS[need]}), but the model "
+                f"{type(model).__name__} has no apply_with_taps/tap_shapes; use a clx.FunctionalModel "
+                "or drop the rule."
+            )
         if tap_shapes is not None and not tap_shapes:
-            raise ValueError(f"rule {who[need][0]!r} needs {need!r}, but the model {type(model).__name__} has no "
-                             "Dense (nnx.Linear) layer to tap; give it one or drop the rule.")
+            raise ValueError(
+                f"rule {who[need][0]!r} needs {need!r}, but the model {type(model).__name__} has no "
+                "Dense (nnx.Linear) layer to tap; give it one or drop the rule."
+            )
     if rule.loss is not None and not callable(getattr(model, "apply", None)):
-        raise ValueError(f"rule {rule.name!r} has a loss term, which calls the model's apply, but "
-                         f"{type(model).__name__} has no apply(params, x, task_id).")
+        raise ValueError(
+            f"rule {rule.name!r} has a loss term, which calls the model's apply, but "
+            f"{type(model).__name__} has no apply(params, x, task_id)."
+        )
 
 
 def _identity_consolidate(state, params, evidence):
@@ -293,8 +299,10 @@ def chain(*transforms: optax.GradientTransformation | ContinualTransformation) -
     members = tuple(as_continual(t) for t in transforms)
     owners = needers(ContinualTransformation(None, None, None, members=members)).get("optimizer", [])
     if len(owners) > 1:
-        raise ValueError(f"clx.chain: {owners} each apply their own optimizer; a chain can hold one. Pass the "
-                         "optimizer to one of them only.")
+        raise ValueError(
+            f"clx.chain: {owners} each apply their own optimizer; a chain can hold one. Pass the "
+            "optimizer to one of them only."
+        )
     with_loss = [(i, m) for i, m in enumerate(members) if m.loss is not None]
 
     def init(params):
@@ -322,7 +330,11 @@ def chain(*transforms: optax.GradientTransformation | ContinualTransformation) -
         return moves, tuple(new_state)
 
     return ContinualTransformation(
-        init, update, consolidate, loss if with_loss else None,
+        init,
+        update,
+        consolidate,
+        loss if with_loss else None,
         frozenset().union(*(m.needs for m in members)),
-        "chain(" + ", ".join(m.name or "?" for m in members) + ")", members,
+        "chain(" + ", ".join(m.name or "?" for m in members) + ")",
+        members,
     )

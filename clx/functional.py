@@ -68,9 +68,12 @@ class FunctionalModel:
     def _split(cls, module):
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
         if jax.tree.leaves(rest):
+            kinds = sorted(
+                {type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))}
+            )
             raise ValueError(
                 "clx.FunctionalModel supports modules whose state is only nnx.Param; this one also "
-                f"holds {sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))})}. "
+                f"holds {kinds}. "
                 "Remove BatchNorm/Dropout RNG state or keep it outside the model."
             )
         template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)

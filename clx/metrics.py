@@ -48,10 +48,7 @@ def _as_matrix(R: Any) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise ValueError(f"accuracy matrix R must be a (T, T) array of floats: {e}") from e
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
-        raise ValueError(
-            f"accuracy matrix R must be a non-empty square 2-D (T, T) array; got shape "
-            f"{arr.shape}"
-        )
+        raise ValueError(f"accuracy matrix R must be a non-empty square 2-D (T, T) array; got shape {arr.shape}")
     bad = ~np.isnan(arr) & ((arr < 0.0) | (arr > 1.0))
     if bad.any():
         i, j = (int(k) for k in np.argwhere(bad)[0])
@@ -67,9 +64,7 @@ def _require(R: np.ndarray, entries, why: str) -> None:
     """Raises ValueError naming the first NaN among ``entries`` (iterable of (i, j))."""
     for i, j in entries:
         if np.isnan(R[i, j]):
-            raise ValueError(
-                f"accuracy matrix entry R[{i}, {j}] is NaN (not evaluated) but {why} needs it"
-            )
+            raise ValueError(f"accuracy matrix entry R[{i}, {j}] is NaN (not evaluated) but {why} needs it")
 
 
 def _require_last_row(R: np.ndarray, why: str) -> None:
@@ -87,10 +82,7 @@ def _as_baseline(b: Any, T: int) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise ValueError(f"baseline accuracies b must be a (T,) array of floats: {e}") from e
     if arr.shape != (T,):
-        raise ValueError(
-            f"baseline accuracies b must have shape (T,) = ({T},) to match R; got shape "
-            f"{arr.shape}"
-        )
+        raise ValueError(f"baseline accuracies b must have shape (T,) = ({T},) to match R; got shape {arr.shape}")
     bad = ~np.isnan(arr) & ((arr < 0.0) | (arr > 1.0))
     if bad.any():
         j = int(np.argwhere(bad)[0, 0])

@@ -34,15 +34,19 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 MODEL = "model"
 MODEL_SHARD_MIN_SIZE = 2**20  # params with at least this many elements are split over a "model" axis
 
 
-def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] | None = None,
+    axis_names: Sequence[str] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
     """A mesh over all (global) devices with Auto axis types.
 
     Args:
@@ -71,8 +75,9 @@ def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] | No
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
         if rest <= 0 or n % rest:
-            raise ValueError(f"mesh shape {shape}: {n} devices are not divisible by {rest}; "
-                             f"use a shape whose product is {n}.")
+            raise ValueError(
+                f"mesh shape {shape}: {n} devices are not divisible by {rest}; use a shape whose product is {n}."
+            )
         shape = tuple(n // rest if s == -1 else s for s in shape)
     if any(s < 1 for s in shape) or math.prod(shape) != n:
         raise ValueError(
@@ -160,9 +165,13 @@ def put_tree(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
-                           **kwargs) -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    **kwargs,
+) -> None:
     """Starts multi-host JAX (``jax.distributed.initialize``); call it before any device use.
 
     On a Cloud TPU pod slice, or under SLURM / Open MPI, call it with no
@@ -176,8 +185,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         re-raised with the address).
     """
     try:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_device_ids, **kwargs)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_device_ids,
+            **kwargs,
+        )
     except RuntimeError as e:
         msg = str(e)
         if "before any JAX" in msg or "should only be called once" in msg or "already" in msg:

@@ -107,8 +107,7 @@ def check_threshold(threshold) -> float:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.") from None
     if not 0.0 < value <= 1.0:
         raise ValueError(
-            f"threshold must be in (0, 1] (a fraction of the representation's energy), got {value}; "
-            "GPM uses 0.95-0.99."
+            f"threshold must be in (0, 1] (a fraction of the representation's energy), got {value}; GPM uses 0.95-0.99."
         )
     return value
 
@@ -149,8 +148,7 @@ def expand(s: Subspace, representation: jax.Array, threshold) -> Subspace:
     d = s.basis.shape[0]
     if representation.ndim != 2 or representation.shape[0] != d:
         raise ValueError(
-            f"representation matrix must be (d, n) = ({d}, n), got shape {representation.shape}; "
-            "columns are examples."
+            f"representation matrix must be (d, n) = ({d}, n), got shape {representation.shape}; columns are examples."
         )
     if not isinstance(threshold, jax.core.Tracer):
         threshold = check_threshold(threshold)

@@ -59,12 +59,12 @@ MEMBER_AXES = ("auto", "vmap", "map")
 
 def shuffle_key(key: jax.Array, task, epoch) -> jax.Array:
     """The key that shuffles task ``task``'s examples in epoch ``epoch`` (ints or traced int32 scalars)."""
-    return jax.random.fold_in(key, task * 1000 + epoch)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), task), epoch)
 
 
 def evidence_key(key: jax.Array, task) -> jax.Array:
     """The key that draws task ``task``'s evidence sample."""
-    return jax.random.fold_in(key, 10**6 + task)
+    return jax.random.fold_in(jax.random.fold_in(key, 1), task)
 
 
 # --- results and options ---------------------------------------------------------------------------------------------
@@ -140,15 +140,17 @@ class FitOptions:
 
     def __post_init__(self):
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got epochs={self.epochs}, "
-                             f"batch_size={self.batch_size}.")
+            raise ValueError(
+                f"epochs and batch_size must be >= 1, got epochs={self.epochs}, batch_size={self.batch_size}."
+            )
         if int(self.evidence_samples) < 1:
             raise ValueError(f"evidence_samples must be >= 1, got {self.evidence_samples}.")
         if isinstance(self.checkpoint, str):
             object.__setattr__(self, "checkpoint", CheckpointOptions(self.checkpoint))
         if self.checkpoint is not None and int(self.checkpoint.every_steps) < 0:
-            raise ValueError(f"checkpoint.every_steps must be >= 0 (0: task ends only), "
-                             f"got {self.checkpoint.every_steps}.")
+            raise ValueError(
+                f"checkpoint.every_steps must be >= 0 (0: task ends only), got {self.checkpoint.every_steps}."
+            )
         if self.member_axis not in MEMBER_AXES:
             raise ValueError(f"member_axis must be one of {MEMBER_AXES}, got {self.member_axis!r}.")
 
@@ -188,7 +190,8 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None):
         extra_fns = {}
         if "grad_fn" in rule.needs:
             extra_fns["grad_fn"] = lambda p, b: jax.grad(
-                lambda q: _task_loss(model.apply(q, b.x, b.task_ids), b.y, b.weights))(p)
+                lambda q: _task_loss(model.apply(q, b.x, b.task_ids), b.y, b.weights)
+            )(p)
 
         n = x.shape[0]
         nb = math.ceil(n / batch_size)
@@ -287,8 +290,9 @@ class _Programs(NamedTuple):
     accuracy: Callable
 
 
-def _programs(model, rule_fn: Callable, needs: frozenset, opts: FitOptions, members: str | None,
-              shardings) -> _Programs:
+def _programs(
+    model, rule_fn: Callable, needs: frozenset, opts: FitOptions, members: str | None, shardings
+) -> _Programs:
     """Every jitted program of a run: member batching (``members``: None, "vmap" or
     "map") and out-shardings under a mesh (``shardings``: None or (params, state,
     replicated, batch spec)) are decided here and nowhere else."""
@@ -304,7 +308,9 @@ def _programs(model, rule_fn: Callable, needs: frozenset, opts: FitOptions, memb
 
     @functools.cache
     def train_steps(num_steps: int):
-        f = batched(functools.partial(steps_body, num_steps=num_steps), (0, 0, 0, None, None, None, 0, None, None, None))
+        f = batched(
+            functools.partial(steps_body, num_steps=num_steps), (0, 0, 0, None, None, None, 0, None, None, None)
+        )
         return jit(f, (p_shard, s_shard, rep), donate_argnums=(1, 2))
 
     evidence = jit(batched(_evidence_body(model, "representations" in needs), (0, 0, None)), rep)
@@ -373,6 +379,7 @@ class _TaskData:
 
     def test(self, t: int):
         if t not in self._tests:
+
             def build():
                 if hasattr(self.stream, "test_set"):
                     x, y = self.stream.test_set(t)
@@ -389,8 +396,10 @@ class _TaskData:
         def build():
             task = self._load(t)
             n = len(task.y_train)
-            picks = [np.asarray(jax.random.permutation(evidence_key(jax.random.key(int(s)), t), n))[: min(samples, n)]
-                     for s in seeds]
+            picks = [
+                np.asarray(jax.random.permutation(evidence_key(jax.random.key(int(s)), t), n))[: min(samples, n)]
+                for s in seeds
+            ]
             if members:
                 xe, ye = np.stack([task.x_train[i] for i in picks]), np.stack([task.y_train[i] for i in picks])
             else:
@@ -461,8 +470,9 @@ def fit(
       FloatingPointError: the training loss became NaN or infinite (lower the
         learning rate); raised before anything is written.
     """
-    opts = FitOptions(epochs, batch_size, evidence_samples, cumulative, eval_batch_size, progress, desc, mesh,
-                      checkpoint, on_save)
+    opts = FitOptions(
+        epochs, batch_size, evidence_samples, cumulative, eval_batch_size, progress, desc, mesh, checkpoint, on_save
+    )
     return _fit(model, [params], lambda hp: rule, None, stream, [seed], opts)
 
 
@@ -508,8 +518,10 @@ def fit_members(
       ValueError: as ``fit``; M = 0, or params / hparams / seeds of different lengths.
     """
     if not len(params) or len(params) != len(seeds) or len(np.atleast_1d(hparams)) != len(seeds):
-        raise ValueError(f"fit_members needs M >= 1 members with one params pytree, hyperparameter and seed each; "
-                         f"got {len(params)} params, {len(np.atleast_1d(hparams))} hparams, {len(seeds)} seeds.")
+        raise ValueError(
+            f"fit_members needs M >= 1 members with one params pytree, hyperparameter and seed each; "
+            f"got {len(params)} params, {len(np.atleast_1d(hparams))} hparams, {len(seeds)} seeds."
+        )
     opts = FitOptions(member_axis=member_axis, **options)
     return _fit(model, list(params), rule_fn, np.asarray(hparams, np.float32).reshape(-1), stream, list(seeds), opts)
 
@@ -523,8 +535,9 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         shd.check_batch_size(opts.batch_size, mesh)
     members = None
     if hparams is not None:
-        members = opts.member_axis if opts.member_axis != "auto" else (
-            "map" if jax.default_backend() == "cpu" else "vmap")
+        members = (
+            opts.member_axis if opts.member_axis != "auto" else ("map" if jax.default_backend() == "cpu" else "vmap")
+        )
     M, T = len(seeds), stream.num_tasks
     lead = (M,) if members else ()
     sample_x = jax.ShapeDtypeStruct((1, *stream.input_shape), jnp.float32)
@@ -533,13 +546,20 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         raise ValueError(f"the model has {out_dim} outputs per head but the stream needs {stream.num_outputs}.")
     rule0 = rule_fn(None if members is None else float(hparams[0]))
     needs_taps = {"taps", "representations"} & set(rule0.needs)
-    check_needs(rule0, model, jax.eval_shape(lambda p: model.tap_shapes(p, sample_x, jnp.zeros((1,), jnp.int32)),
-                                             params_list[0]) if needs_taps and hasattr(model, "tap_shapes") else None)
+    check_needs(
+        rule0,
+        model,
+        jax.eval_shape(lambda p: model.tap_shapes(p, sample_x, jnp.zeros((1,), jnp.int32)), params_list[0])
+        if needs_taps and hasattr(model, "tap_shapes")
+        else None,
+    )
 
     # --- initial state, placed ---
     if members:
         params = jax.tree.map(lambda *a: jnp.stack(a), *params_list)
-        state = jax.tree.map(lambda *a: jnp.stack(a), *[rule_fn(float(h)).init(p) for h, p in zip(hparams, params_list)])
+        state = jax.tree.map(
+            lambda *a: jnp.stack(a), *[rule_fn(float(h)).init(p) for h, p in zip(hparams, params_list)]
+        )
         key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
         hp = np.asarray(hparams, np.float32)
     else:
@@ -559,7 +579,8 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         # computed from it are gathered (the evidence program's out_shardings) before consolidate.
         ev_spec = NamedSharding(mesh, P(None, shd.DATA) if members else P(shd.DATA))
         place_evidence = lambda a: shd.put(  # noqa: E731
-            a, ev_spec if a.shape[1 if members else 0] % shd.data_size(mesh) == 0 else rep)
+            a, ev_spec if a.shape[1 if members else 0] % shd.data_size(mesh) == 0 else rep
+        )
     key_data, hp = place(key_data), place(hp)
     programs = _programs(model, rule_fn, rule0.needs, opts, members, shardings)
     data = _TaskData(stream, place, place_evidence, opts.cumulative)
@@ -577,32 +598,50 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
     if ck is not None:
         fingerprint = {
             "arrays": {"params": ckpt_lib.describe(params), "rule_state": ckpt_lib.describe(state)},
-            "num_tasks": T, "stream": repr(stream), "epochs": opts.epochs, "batch_size": opts.batch_size,
-            "seeds": [int(s) for s in seeds], "members": bool(members),
+            "num_tasks": T,
+            "stream": repr(stream),
+            "epochs": opts.epochs,
+            "batch_size": opts.batch_size,
+            "seeds": [int(s) for s in seeds],
+            "members": bool(members),
             "hparams": [float(h) for h in np.atleast_1d(hparams if hparams is not None else np.zeros(1))],
-            "evidence_samples": int(opts.evidence_samples), "cumulative": bool(opts.cumulative), "every_steps": every,
+            "evidence_samples": int(opts.evidence_samples),
+            "cumulative": bool(opts.cumulative),
+            "every_steps": every,
             "info": dict(ck.info),
         }
         ckpt = ckpt_lib.Checkpointer(ck.directory, fingerprint, max_to_keep=ck.max_to_keep, async_save=ck.async_save)
 
     def ckpt_tree():
-        return {"params": params, "rule_state": state, "key_data": key_data, "accuracy_matrix": acc,
-                "random_baseline": baseline, "losses": losses, "loss_partial": loss_partial}
+        return {
+            "params": params,
+            "rule_state": state,
+            "key_data": key_data,
+            "accuracy_matrix": acc,
+            "random_baseline": baseline,
+            "losses": losses,
+            "loss_partial": loss_partial,
+        }
 
     if ckpt is not None:
         restored = ckpt.restore(ckpt_tree())
         if restored is not None:
             tree, meta = restored
             params, state = tree["params"], tree["rule_state"]
-            acc, baseline, losses = (np.asarray(tree[k], np.float64) for k in ("accuracy_matrix", "random_baseline",
-                                                                               "losses"))
+            acc, baseline, losses = (
+                np.asarray(tree[k], np.float64) for k in ("accuracy_matrix", "random_baseline", "losses")
+            )
             loss_partial = np.asarray(tree["loss_partial"], np.float64).reshape(lead)
             pos = {k: int(meta["position"][k]) for k in ("task", "epoch", "step")}
             resumed_from = dict(pos)
             prior_wall, prior_train = float(meta.get("wall_seconds", 0.0)), float(meta.get("train_seconds", 0.0))
             if jax.process_index() == 0:
-                print(f"clx: {opts.desc}resuming from {ckpt.directory} at task {pos['task']}, epoch {pos['epoch']}, "
-                      f"step {pos['step']}", file=sys.stderr, flush=True)
+                print(
+                    f"clx: {opts.desc}resuming from {ckpt.directory} at task {pos['task']}, epoch {pos['epoch']}, "
+                    f"step {pos['step']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     t0 = time.perf_counter()
     train_seconds = 0.0
@@ -613,8 +652,11 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
     def save(position):
         if ckpt is None:
             return
-        meta = {"position": position, "wall_seconds": prior_wall + time.perf_counter() - t0 - data.seconds,
-                "train_seconds": prior_train + train_seconds}
+        meta = {
+            "position": position,
+            "wall_seconds": prior_wall + time.perf_counter() - t0 - data.seconds,
+            "train_seconds": prior_train + train_seconds,
+        }
         n = ckpt.save(ckpt_tree(), meta)
         if opts.on_save is not None:
             opts.on_save(n, dict(position))
@@ -631,8 +673,13 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             n = int(y.shape[0])
             nb = math.ceil(n / opts.batch_size)
             first_epoch = pos["epoch"] if t == pos["task"] else 0
-            bar = tqdm(total=opts.epochs, initial=first_epoch, desc=f"{opts.desc}task {t + 1}/{T}",
-                       disable=not opts.progress, leave=False)
+            bar = tqdm(
+                total=opts.epochs,
+                initial=first_epoch,
+                desc=f"{opts.desc}task {t + 1}/{T}",
+                disable=not opts.progress,
+                leave=False,
+            )
             for e in range(first_epoch, opts.epochs):
                 step = pos["step"] if t == pos["task"] and e == first_epoch else 0
                 if step == 0:
@@ -640,13 +687,16 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
                 while step < nb:
                     k = nb - step if every == 0 else min(every, nb - step)
                     s = time.perf_counter()
-                    params, state, loss_sum = programs.train_steps(k)(hp, params, state, x, y, ids, key_data,
-                                                                      np.int32(t), np.int32(e), np.int32(step))
+                    params, state, loss_sum = programs.train_steps(k)(
+                        hp, params, state, x, y, ids, key_data, np.int32(t), np.int32(e), np.int32(step)
+                    )
                     loss_sum = host(loss_sum)
                     train_seconds += time.perf_counter() - s
                     if not np.all(np.isfinite(loss_sum)):
-                        raise FloatingPointError(f"training loss became {loss_sum} in task {t}, epoch {e}; "
-                                                 "lower train.lr or check the inputs.")
+                        raise FloatingPointError(
+                            f"training loss became {loss_sum} in task {t}, epoch {e}; "
+                            "lower train.lr or check the inputs."
+                        )
                     loss_partial = loss_partial + loss_sum
                     step += k
                     if every and not (step == nb and e == opts.epochs - 1):  # the task-end save follows that one
@@ -668,8 +718,15 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
                 baseline[..., t + 1] = host(programs.accuracy(initial, *data.test(t + 1), t + 1, 0))
             for j in range(min(t + 2, T)):
                 acc[..., t, j] = host(programs.accuracy(params, *data.test(j), j, t + 1))
-            log.info("%stask %d/%d done at %.1fs: mean accuracy on tasks 0..%d = %.4f", opts.desc, t + 1, T, wall(),
-                     t, float(np.mean(acc[..., t, : t + 1])))
+            log.info(
+                "%stask %d/%d done at %.1fs: mean accuracy on tasks 0..%d = %.4f",
+                opts.desc,
+                t + 1,
+                T,
+                wall(),
+                t,
+                float(np.mean(acc[..., t, : t + 1])),
+            )
 
             # save
             pos = {"task": t + 1, "epoch": 0, "step": 0}
@@ -677,8 +734,9 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
     finally:  # a failing run (NaN loss, KeyboardInterrupt) still finishes the saves it started
         if ckpt is not None:
             ckpt.close()
-    return FitResult(acc, baseline, params, state, wall(), prior_train + train_seconds, data.seconds, losses,
-                     resumed_from)
+    return FitResult(
+        acc, baseline, params, state, wall(), prior_train + train_seconds, data.seconds, losses, resumed_from
+    )
 
 
 # --- single programs, for notebooks, tests and benchmarks ------------------------------------------------------------
@@ -723,8 +781,19 @@ def make_epoch_fn(model, rule: ContinualTransformation, batch_size: int):
 
     def epoch(params, rule_state, x, y, task_ids, key):
         n = x.shape[0]
-        params, rule_state, total = body(None, params, rule_state, x, y, task_ids, jax.random.key_data(key), 0, 0, 0,
-                                         num_steps=math.ceil(n / batch_size))
+        params, rule_state, total = body(
+            None,
+            params,
+            rule_state,
+            x,
+            y,
+            task_ids,
+            jax.random.key_data(key),
+            0,
+            0,
+            0,
+            num_steps=math.ceil(n / batch_size),
+        )
         return params, rule_state, total / n
 
     return jax.jit(epoch, donate_argnums=(0, 1))

@@ -30,8 +30,9 @@ from ml_collections import config_flags
 from clx import sharding
 from experiments.run import run  # also importable as experiments.main.run
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config (get_config()).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an experiment config (get_config()).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, the accuracy matrix CSV and PNG.")
 
 
@@ -50,8 +51,9 @@ def main(argv):
     config = _CONFIG.value
     if config.distributed.enabled:  # before anything touches a device
         d = config.distributed
-        sharding.initialize_distributed(d.coordinator_address or None, d.num_processes or None,
-                                        None if d.process_id < 0 else d.process_id)
+        sharding.initialize_distributed(
+            d.coordinator_address or None, d.num_processes or None, None if d.process_id < 0 else d.process_id
+        )
     logging.set_verbosity(logging.INFO if not config.progress else logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietOrbax())
     t0 = time.time()

@@ -99,9 +99,7 @@ def _matrix(results: Mapping[str, Any]) -> np.ndarray:
         raise KeyError("results has no 'accuracy_matrix'")
     R = np.asarray(results["accuracy_matrix"], dtype=np.float64)
     if R.ndim != 2:
-        raise ValueError(
-            f"results['accuracy_matrix'] must be a 2-D (T, T) matrix; got shape {R.shape}"
-        )
+        raise ValueError(f"results['accuracy_matrix'] must be a 2-D (T, T) matrix; got shape {R.shape}")
     return R
 
 
@@ -131,9 +129,9 @@ def _csv_bytes(R: np.ndarray) -> bytes:
 def _png_bytes(R: np.ndarray, results: Mapping[str, Any]) -> bytes:
     # The object-oriented API with the Agg canvas: no pyplot, so no global backend
     # switch in the caller's process (a notebook keeps its inline backend).
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    import matplotlib
 
     T_rows, T_cols = R.shape
     side = max(4.0, 0.55 * max(T_rows, T_cols) + 2.0)
@@ -153,8 +151,13 @@ def _png_bytes(R: np.ndarray, results: Mapping[str, Any]) -> bytes:
                 if np.isnan(v):
                     continue
                 ax.text(
-                    j, i, f"{100.0 * v:.1f}", ha="center", va="center",
-                    fontsize=fontsize, color="black" if v > 0.6 else "white",
+                    j,
+                    i,
+                    f"{100.0 * v:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="black" if v > 0.6 else "white",
                 )
 
     ax.set_xticks(range(T_cols))
@@ -162,10 +165,7 @@ def _png_bytes(R: np.ndarray, results: Mapping[str, Any]) -> bytes:
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
     method = results.get("method") or "(unnamed method)"
-    ax.set_title(
-        f"{method}: ACC {_fmt_pct(results.get('acc'))}%, "
-        f"BWT {_fmt_pct(results.get('bwt'), '{:+.2f}')}%"
-    )
+    ax.set_title(f"{method}: ACC {_fmt_pct(results.get('acc'))}%, BWT {_fmt_pct(results.get('bwt'), '{:+.2f}')}%")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -241,9 +241,7 @@ def format_summary_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join([line(header), rule] + [line(r) for r in body]) + "\n"
 
 
-def write_summary(
-    workdir: str | os.PathLike, rows: Mapping[str, Mapping[str, Any]]
-) -> str:
+def write_summary(workdir: str | os.PathLike, rows: Mapping[str, Mapping[str, Any]]) -> str:
     """Writes ``summary.json`` and ``summary.txt`` for several methods; returns the table.
 
     Args:

@@ -60,11 +60,14 @@ def prepare(config) -> Plan:
     for method in chosen:
         methods.check_config(method, config)
     members = _members(config, chosen)
-    source = data.load_source(config.data.source, config.data.dir or None, scale=config.data.scale,
-                              pad=config.data.pad)
+    source = data.load_source(config.data.source, config.data.dir or None, scale=config.data.scale, pad=config.data.pad)
     stream = data.make_stream(
-        source, config.stream.kind, config.stream.num_tasks, seed=config.seed,
-        max_angle=config.stream.max_angle, class_order=config.stream.class_order,
+        source,
+        config.stream.kind,
+        config.stream.num_tasks,
+        seed=config.seed,
+        max_angle=config.stream.max_angle,
+        class_order=config.stream.class_order,
         train_subset=config.stream.train_subset or None,
     )
     mesh = make_data_mesh(config)
@@ -89,8 +92,10 @@ def _members(config, chosen) -> list[tuple[int, float | None]]:
     if not key:
         if len(config.sweep.grid):
             common = sorted(set.intersection(*(set(m.sweepable) for m in chosen)))
-            raise ValueError("config.sweep.grid is set but config.sweep.key is empty; name the hyperparameter, "
-                             f"one of {common} for {[m.name for m in chosen]}.")
+            raise ValueError(
+                "config.sweep.grid is set but config.sweep.key is empty; name the hyperparameter, "
+                f"one of {common} for {[m.name for m in chosen]}."
+            )
         return [(s, None) for s in seeds]
     for method in chosen:
         methods.check_sweep(method, key)
@@ -135,27 +140,60 @@ def _run_method(method, plan, config, out, on_save) -> dict:
     name, members, key = method.name, plan.members, config.sweep.key
     ckpt = None
     if config.checkpoint.enabled:
-        ckpt = CheckpointOptions(os.path.join(out, "checkpoints"), every_steps=int(config.checkpoint.every_steps),
-                                 max_to_keep=int(config.checkpoint.max_to_keep),
-                                 info={"method": name, "config": _fingerprint_config(config, plan.methods)})
-    common = dict(epochs=config.train.epochs, batch_size=config.train.batch_size,
-                  evidence_samples=int(method.evidence_samples(config)), cumulative=method.cumulative,
-                  eval_batch_size=config.train.eval_batch_size, progress=config.progress, desc=f"{name} ",
-                  mesh=plan.mesh, checkpoint=ckpt, on_save=on_save)
+        ckpt = CheckpointOptions(
+            os.path.join(out, "checkpoints"),
+            every_steps=int(config.checkpoint.every_steps),
+            max_to_keep=int(config.checkpoint.max_to_keep),
+            info={"method": name, "config": _fingerprint_config(config, plan.methods)},
+        )
+    common = dict(
+        epochs=config.train.epochs,
+        batch_size=config.train.batch_size,
+        evidence_samples=int(method.evidence_samples(config)),
+        cumulative=method.cumulative,
+        eval_batch_size=config.train.eval_batch_size,
+        progress=config.progress,
+        desc=f"{name} ",
+        mesh=plan.mesh,
+        checkpoint=ckpt,
+        on_save=on_save,
+    )
     model, params = plan.first[name]
     # Model-specific facts (e.g. a hypernetwork's compression ratio); shapes only, read before fit donates params.
     extra = model.extra_results(params) if hasattr(model, "extra_results") else {}
     if len(members) == 1 and not key:  # the plain path (bit-identical to a run without members)
         result = fit(model, params, method.make_rule(config, model), plan.stream, seed=members[0][0], **common)
-        per_member = [(None, result.accuracy_matrix, result.random_baseline, result.losses,
-                       method.results(result.rule_state, None))]
+        per_member = [
+            (
+                None,
+                result.accuracy_matrix,
+                result.random_baseline,
+                result.losses,
+                method.results(result.rule_state, None),
+            )
+        ]
     else:
         params_list = [params] + [method.build_model(config, plan.stream, s)[1] for s, _ in members[1:]]
         hps = [0.0 if v is None else v for _, v in members]
-        result = fit_members(model, params_list, lambda hp: method.make_rule(config, model, None if not key else hp),
-                             hps, plan.stream, seeds=[s for s, _ in members], **common)
-        per_member = [((s, v), result.accuracy_matrix[m], result.random_baseline[m], result.losses[m],
-                       method.results(result.rule_state, m)) for m, (s, v) in enumerate(members)]
+        result = fit_members(
+            model,
+            params_list,
+            lambda hp: method.make_rule(config, model, None if not key else hp),
+            hps,
+            plan.stream,
+            seeds=[s for s, _ in members],
+            **common,
+        )
+        per_member = [
+            (
+                (s, v),
+                result.accuracy_matrix[m],
+                result.random_baseline[m],
+                result.losses[m],
+                method.results(result.rule_state, m),
+            )
+            for m, (s, v) in enumerate(members)
+        ]
     member_rows = {}
     for who, acc, baseline, losses, method_results in per_member:
         results = {
@@ -176,27 +214,38 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             results["resumed_from"] = result.resumed_from
         member_out = out
         if who is not None:
-            results["member"] = {"seed": who[0], "members": len(members),
-                                 **({key: who[1]} if who[1] is not None else {})}
+            results["member"] = {
+                "seed": who[0],
+                "members": len(members),
+                **({key: who[1]} if who[1] is not None else {}),
+            }
             member_out = os.path.join(out, _member_name(who[0], who[1], key))
         if jax.process_index() == 0:
             report.write_results(member_out, results)
         member_rows[member_out] = results
     first = next(iter(member_rows.values()))
     if per_member[0][0] is None:
-        print(f"{name}: ACC {100 * first['acc']:.2f}%  BWT {100 * first['bwt']:.2f}%  "
-              f"wall {result.wall_seconds:.1f}s  -> {os.path.join(out, 'results.json')}", flush=True)
+        print(
+            f"{name}: ACC {100 * first['acc']:.2f}%  BWT {100 * first['bwt']:.2f}%  "
+            f"wall {result.wall_seconds:.1f}s  -> {os.path.join(out, 'results.json')}",
+            flush=True,
+        )
         return first
     summary = _members_summary(name, members, key, member_rows, result.wall_seconds)
     if jax.process_index() == 0:
         with open(os.path.join(out, "members_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     for group in summary["groups"]:
-        print(f"{name} {group['name']}: ACC {100 * group['acc_mean']:.2f} +- {100 * group['acc_std']:.2f}%  "
-              f"BWT {100 * group['bwt_mean']:.2f} +- {100 * group['bwt_std']:.2f}%  ({group['members']} seeds)",
-              flush=True)
-    print(f"{name}: {len(members)} members in one vmapped program, wall {result.wall_seconds:.1f}s -> "
-          f"{os.path.join(out, 'members_summary.json')}", flush=True)
+        print(
+            f"{name} {group['name']}: ACC {100 * group['acc_mean']:.2f} +- {100 * group['acc_std']:.2f}%  "
+            f"BWT {100 * group['bwt_mean']:.2f} +- {100 * group['bwt_std']:.2f}%  ({group['members']} seeds)",
+            flush=True,
+        )
+    print(
+        f"{name}: {len(members)} members in one vmapped program, wall {result.wall_seconds:.1f}s -> "
+        f"{os.path.join(out, 'members_summary.json')}",
+        flush=True,
+    )
     return first
 
 
@@ -209,8 +258,12 @@ def environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     return {
-        **versions, "backend": jax.default_backend(), "devices": jax.device_count(),
-        "processes": jax.process_count(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        **versions,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
     }
 
 
@@ -235,11 +288,21 @@ def _members_summary(name, members, key, member_rows, wall) -> dict:
     groups = {}
     for (seed, value), row in zip(members, rows):
         groups.setdefault(value, []).append(row)
-    out = {"method": name, "sweep_key": key or None, "members": len(members), "wall_seconds": wall,
-           "member_dirs": [os.path.basename(d) for d in member_rows], "groups": []}
+    out = {
+        "method": name,
+        "sweep_key": key or None,
+        "members": len(members),
+        "wall_seconds": wall,
+        "member_dirs": [os.path.basename(d) for d in member_rows],
+        "groups": [],
+    }
     for value, grp in groups.items():
-        g = {"name": "all seeds" if value is None else f"{key}={value:g}", "value": value, "members": len(grp),
-             "seeds": [r["member"]["seed"] for r in grp]}
+        g = {
+            "name": "all seeds" if value is None else f"{key}={value:g}",
+            "value": value,
+            "members": len(grp),
+            "seeds": [r["member"]["seed"] for r in grp],
+        }
         for m in METRICS:
             vals = np.array([float(r[m]) for r in grp])
             g[f"{m}_mean"], g[f"{m}_std"] = float(np.mean(vals)), float(np.std(vals))

@@ -29,8 +29,19 @@ def run(checkpoint=None, on_save=None, mesh=None, hidden=(32,), num_tasks=2, inf
     m, params = model(hidden)
     if isinstance(checkpoint, str):
         checkpoint = CheckpointOptions(checkpoint, every_steps=12, info=info or {"method": "gpm"})
-    return fit(m, params, rule(), stream(num_tasks), epochs=EPOCHS, batch_size=BATCH, evidence_samples=SAMPLES,
-               progress=False, mesh=mesh, checkpoint=checkpoint, on_save=on_save)
+    return fit(
+        m,
+        params,
+        rule(),
+        stream(num_tasks),
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        evidence_samples=SAMPLES,
+        progress=False,
+        mesh=mesh,
+        checkpoint=checkpoint,
+        on_save=on_save,
+    )
 
 
 if __name__ == "__main__":  # python tests/_cl_tiny.py CKPT_DIR KILL_TASK OUT.npy: SIGKILL itself mid-task

@@ -1,6 +1,6 @@
 """One process of the 2-process x 4-CPU-device test (tests/test_distributed.py).
 
-    python tests/_distributed_worker.py PORT PROCESS_ID OUT.npy
+python tests/_distributed_worker.py PORT PROCESS_ID OUT.npy
 """
 
 import os

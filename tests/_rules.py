@@ -21,8 +21,9 @@ def logit_penalty(weight: float) -> clx.ContinualTransformation:
         per_example = jnp.sum(jnp.square(batch.logits), axis=-1)
         return weight * jnp.sum(batch.weights * per_example) / jnp.maximum(jnp.sum(batch.weights), 1.0)
 
-    return clx.ContinualTransformation(lambda p: (), lambda u, s, params=None, **e: (u, s),
-                                       lambda s, p, ev: (None, s), loss=loss, name="logit_penalty")
+    return clx.ContinualTransformation(
+        lambda p: (), lambda u, s, params=None, **e: (u, s), lambda s, p, ev: (None, s), loss=loss, name="logit_penalty"
+    )
 
 
 class RefGradState(NamedTuple):
@@ -38,8 +39,12 @@ def ref_projection(num_ref: int, input_shape) -> clx.ContinualTransformation:
 
     def init(params):
         zeros = jax.tree.map(jnp.zeros_like, params)
-        return RefGradState(jnp.zeros((num_ref, *input_shape), jnp.float32), jnp.zeros((num_ref,), jnp.int32),
-                            jnp.zeros((), bool), zeros)
+        return RefGradState(
+            jnp.zeros((num_ref, *input_shape), jnp.float32),
+            jnp.zeros((num_ref,), jnp.int32),
+            jnp.zeros((), bool),
+            zeros,
+        )
 
     def update(updates, state, params=None, *, grad_fn, **extra):
         ref = clx.Batch(state.x, state.y, jnp.zeros_like(state.y), jnp.ones(state.y.shape, jnp.float32))
@@ -77,8 +82,9 @@ def ring_buffer(capacity: int, input_shape) -> clx.ContinualTransformation:
         x = state.x.at[slots].set(batch.x.reshape(-1, *input_shape), mode="drop")
         return updates, BufferState(x, state.count + jnp.sum(real).astype(jnp.int32))
 
-    return clx.ContinualTransformation(init, update, lambda s, p, ev: (None, s), needs=frozenset({"batch"}),
-                                       name="ring_buffer")
+    return clx.ContinualTransformation(
+        init, update, lambda s, p, ev: (None, s), needs=frozenset({"batch"}), name="ring_buffer"
+    )
 
 
 def shrink(factor: float, noise: float = 0.0, seed: int = 0) -> clx.ContinualTransformation:

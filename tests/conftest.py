@@ -34,12 +34,29 @@ def pytest_pyfunc_call(pyfuncitem):
     env = {**os.environ, _ENV: str(NUM_FAKE_DEVICES), "JAX_PLATFORMS": "cpu"}
     env.pop("PYTEST_XDIST_WORKER", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly",
-         pyfuncitem.nodeid],
-        cwd=str(pyfuncitem.config.rootpath), env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "-p",
+            "no:randomly",
+            pyfuncitem.nodeid,
+        ],
+        cwd=str(pyfuncitem.config.rootpath),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     out = proc.stdout + proc.stderr
     if proc.returncode != 0 or " passed" not in out:
-        pytest.fail(f"in the {NUM_FAKE_DEVICES}-device child process (exit {proc.returncode}):\n{out[-6000:]}",
-                    pytrace=False)
+        pytest.fail(
+            f"in the {NUM_FAKE_DEVICES}-device child process (exit {proc.returncode}):\n{out[-6000:]}", pytrace=False
+        )
     return True

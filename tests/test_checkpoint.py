@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from clx.checkpoint import CheckpointMismatchError, Checkpointer
+from clx.checkpoint import Checkpointer, CheckpointMismatchError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -30,8 +30,12 @@ def uninterrupted(tmp_path_factory):
 def killed(tmp_path_factory):
     """The checkpoint directory of a run that SIGKILLed itself in task 1, epoch 1 (after a mid-epoch save)."""
     tmp = tmp_path_factory.mktemp("killed")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_cl_tiny.py"), str(tmp / "ckpt"), "1", str(tmp / "x.npy")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_cl_tiny.py"), str(tmp / "ckpt"), "1", str(tmp / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])  # SIGKILL, before finishing
     assert not (tmp / "x.npy").exists()
     return str(tmp / "ckpt")
@@ -149,9 +153,19 @@ def test_joint_training_resumes_after_an_exception_mid_task(tmp_path):
 
     def run(ckpt_dir, on_save=None):
         m, params = _cl_tiny.model()
-        return fit(m, params, clx.chain(optax.sgd(0.3)), _cl_tiny.stream(train_subset=128), epochs=1,
-                   batch_size=_cl_tiny.BATCH, evidence_samples=8, cumulative=True, progress=False, on_save=on_save,
-                   checkpoint=CheckpointOptions(ckpt_dir, every_steps=5, async_save=False))
+        return fit(
+            m,
+            params,
+            clx.chain(optax.sgd(0.3)),
+            _cl_tiny.stream(train_subset=128),
+            epochs=1,
+            batch_size=_cl_tiny.BATCH,
+            evidence_samples=8,
+            cumulative=True,
+            progress=False,
+            on_save=on_save,
+            checkpoint=CheckpointOptions(ckpt_dir, every_steps=5, async_save=False),
+        )
 
     full = run(str(tmp_path / "full"))
     with pytest.raises(Crash):

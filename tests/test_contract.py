@@ -124,11 +124,15 @@ def test_vmapped_over_three_seeds_equals_each_seed_alone(name):
     steps = clx.train.make_train_steps_fn(model, lambda hp: rule, BATCH, member_axis="vmap")(STEPS)
     params, state, _ = steps(jnp.zeros(len(SEEDS)), params, state, x, y, ids, keys, 0, 0, 0)
     ev = _evidence(model, jax.tree.map(lambda a: a[0], params), rule, x[:24], y[:24])
-    reps = (jax.vmap(lambda p: clx.train.make_evidence_fn(model)(p, x[:24], jnp.int32(0)))(params)
-            if "representations" in rule.needs else {})
+    reps = (
+        jax.vmap(lambda p: clx.train.make_evidence_fn(model)(p, x[:24], jnp.int32(0)))(params)
+        if "representations" in rule.needs
+        else {}
+    )
     evs = clx.Evidence(jnp.int32(0), jnp.stack([ev.x] * 3), jnp.stack([ev.y] * 3), reps, model.apply)
     moves, new_state = jax.jit(jax.vmap(rule.consolidate, in_axes=(0, 0, clx.Evidence(None, 0, 0, 0, model.apply))))(
-        state, params, evs)
+        state, params, evs
+    )
     for m, seed in enumerate(SEEDS):
         p1, s1, moved1, ns1, _ = _one_member(CONTRACT[name], seed)
         member = lambda tree: jax.tree.map(lambda a: a[m], tree)  # noqa: E731
@@ -147,9 +151,11 @@ def test_composes_inside_a_further_chain_with_an_optax_transform(name):
     x, y, ids = _task_arrays()
     key = jax.random.key_data(jax.random.key(0))
     inner_p, _, _ = clx.train.make_train_steps_fn(model, rule, BATCH)(STEPS)(
-        None, jax.tree.map(jnp.copy, params), rule.init(params), x, y, ids, key, 0, 0, 0)
+        None, jax.tree.map(jnp.copy, params), rule.init(params), x, y, ids, key, 0, 0, 0
+    )
     outer_p, _, _ = clx.train.make_train_steps_fn(model, outer, BATCH)(STEPS)(
-        None, jax.tree.map(jnp.copy, params), outer.init(params), x, y, ids, key, 0, 0, 0)
+        None, jax.tree.map(jnp.copy, params), outer.init(params), x, y, ids, key, 0, 0, 0
+    )
     chex.assert_trees_all_close(outer_p, inner_p, atol=1e-6)
 
 

@@ -20,8 +20,14 @@ def _grads(i):
     return jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(k, p.size), p.shape), _params())
 
 
-@pytest.mark.parametrize("make", [lambda: optax.adam(1e-3), lambda: optax.sgd(0.1, momentum=0.9),
-                                  lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax.adam(1e-3),
+        lambda: optax.sgd(0.1, momentum=0.9),
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
+    ],
+)
 def test_chain_of_plain_optax_matches_optax_step_for_step(make):
     ref, ours = make(), clx.chain(make())
     p_ref = p_ours = _params()
@@ -75,8 +81,9 @@ def _mover(name, delta, needs=()):
     def consolidate(s, params, ev):
         return jax.tree.map(lambda p: jnp.full_like(p, delta), params), params
 
-    return clx.ContinualTransformation(lambda p: p, lambda u, s, params=None, **e: (u, s), consolidate,
-                                       needs=frozenset(needs), name=name)
+    return clx.ContinualTransformation(
+        lambda p: p, lambda u, s, params=None, **e: (u, s), consolidate, needs=frozenset(needs), name=name
+    )
 
 
 def test_chain_hands_moved_params_to_later_members_and_sums_moves():
@@ -90,9 +97,14 @@ def test_chain_hands_moved_params_to_later_members_and_sums_moves():
 
 def test_chain_sums_loss_terms_and_unions_needs():
     def term(c, needs):
-        return clx.ContinualTransformation(lambda p: jnp.float32(c), lambda u, s, params=None, **e: (u, s),
-                                           lambda s, p, ev: (None, s), loss=lambda p, s, b, f: s * jnp.sum(p["w"]),
-                                           needs=frozenset(needs), name=f"term{c}")
+        return clx.ContinualTransformation(
+            lambda p: jnp.float32(c),
+            lambda u, s, params=None, **e: (u, s),
+            lambda s, p, ev: (None, s),
+            loss=lambda p, s, b, f: s * jnp.sum(p["w"]),
+            needs=frozenset(needs),
+            name=f"term{c}",
+        )
 
     tx = clx.chain(term(2.0, {"batch"}), optax.sgd(0.1), term(3.0, {"grad_fn"}))
     params = {"w": jnp.ones(4)}

@@ -52,11 +52,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def mnist():
-    if not all(
-        os.path.isfile(os.path.join(MNIST_DIR, n))
-        for pair in data.MNIST_FILES.values()
-        for n in pair
-    ):
+    if not all(os.path.isfile(os.path.join(MNIST_DIR, n)) for pair in data.MNIST_FILES.values() for n in pair):
         pytest.skip(f"MNIST files not found in {MNIST_DIR}")
     return load_source("mnist", data_dir=MNIST_DIR)
 
@@ -100,10 +96,11 @@ def _good_arrays():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(y_train=np.array([0, 6, -1] + [1] * 27, np.int32)),
-         r"y_train has 2 labels outside \[0, 6\): values -1, 6\. Fix: remap"),
-        (dict(y_test=np.full((12,), 9, np.int32)),
-         r"y_test has 12 labels outside \[0, 6\): values 9\. Fix"),
+        (
+            dict(y_train=np.array([0, 6, -1] + [1] * 27, np.int32)),
+            r"y_train has 2 labels outside \[0, 6\): values -1, 6\. Fix: remap",
+        ),
+        (dict(y_test=np.full((12,), 9, np.int32)), r"y_test has 12 labels outside \[0, 6\): values 9\. Fix"),
         (dict(x_train=np.zeros((30, 4, 5), np.float32)), r"x_train must be 4-D .*x\[\.\.\., None\]"),
         (dict(x_test=np.zeros((12, 4, 5, 2), np.float64)), r"x_test must be float32, got float64.*astype"),
         (dict(y_train=np.zeros((30,), np.int64)), r"y_train must be int32, got int64"),
@@ -246,8 +243,11 @@ def test_mnist_missing_files(tmp_path):
     write_fake_mnist(tmp_path)
     (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
     (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"2 file\(s\) missing.*train-labels-idx1-ubyte\.gz, "
-                       r"t10k-images-idx3-ubyte\.gz\. .*named exactly train-images-idx3-ubyte\.gz"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"2 file\(s\) missing.*train-labels-idx1-ubyte\.gz, "
+        r"t10k-images-idx3-ubyte\.gz\. .*named exactly train-images-idx3-ubyte\.gz",
+    ):
         load_source("mnist", data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"4 file\(s\) missing"):
         load_source("mnist", data_dir=tmp_path / "nope")
@@ -280,8 +280,11 @@ def test_mnist_bad_payload_length(tmp_path):
     write_fake_mnist(tmp_path)
     x = np.zeros((6, 28, 28), np.uint8)
     write_gz(tmp_path / "train-images-idx3-ubyte.gz", idx_bytes(2051, x)[:-100])
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz header says images of shape "
-                       r"\(6, 28, 28\) = 4704 bytes but the payload has 4604 bytes"):
+    with pytest.raises(
+        ValueError,
+        match=r"train-images-idx3-ubyte\.gz header says images of shape "
+        r"\(6, 28, 28\) = 4704 bytes but the payload has 4604 bytes",
+    ):
         load_source("mnist", data_dir=tmp_path)
     write_gz(tmp_path / "train-images-idx3-ubyte.gz", b"\x00\x00\x08")
     with pytest.raises(ValueError, match=r"fewer than the 16-byte IDX images header"):
@@ -291,8 +294,11 @@ def test_mnist_bad_payload_length(tmp_path):
 def test_mnist_count_mismatch(tmp_path):
     write_fake_mnist(tmp_path)
     write_gz(tmp_path / "train-labels-idx1-ubyte.gz", idx_bytes(2049, np.zeros((5,), np.uint8)))
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz has 6 images but "
-                       r"train-labels-idx1-ubyte\.gz has 5 labels"):
+    with pytest.raises(
+        ValueError,
+        match=r"train-images-idx3-ubyte\.gz has 6 images but "
+        r"train-labels-idx1-ubyte\.gz has 5 labels",
+    ):
         load_source("mnist", data_dir=tmp_path)
 
 
@@ -340,15 +346,21 @@ def test_tfds_mock_data_source(tmp_path):
 
 def test_tfds_unknown_name():
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(ValueError, match=r"unknown dataset 'no_such_dataset_xyz'\. Built-in names: "
-                       r"'digits', 'mnist'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown dataset 'no_such_dataset_xyz'\. Built-in names: "
+        r"'digits', 'mnist'",
+    ):
         load_source("no_such_dataset_xyz")
 
 
 def test_tfds_not_prepared(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(ValueError, match=r"load_source\('cifar10'\): TFDS could not find or prepare.*"
-                       r"Built-in names are 'digits', 'mnist'; a TFDS dataset must be prepared under data_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"load_source\('cifar10'\): TFDS could not find or prepare.*"
+        r"Built-in names are 'digits', 'mnist'; a TFDS dataset must be prepared under data_dir",
+    ):
         load_source("cifar10", data_dir=tmp_path, download=False)
 
 
@@ -415,14 +427,23 @@ def test_stream_attributes(kind, scenario, outputs, heads):
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        (dict(kind="shuffled", num_tasks=2), ValueError,
-         r"unknown kind 'shuffled'; valid kinds are 'permuted', 'rotated', 'split_task_il', 'split_class_il'"),
+        (
+            dict(kind="shuffled", num_tasks=2),
+            ValueError,
+            r"unknown kind 'shuffled'; valid kinds are 'permuted', 'rotated', 'split_task_il', 'split_class_il'",
+        ),
         (dict(kind="permuted", num_tasks=0), ValueError, r"num_tasks must be >= 1, got 0"),
-        (dict(kind="split_task_il", num_tasks=4), ValueError,
-         r"6 classes and num_tasks=4; use num_tasks in \[1, 2, 3, 6\]"),
+        (
+            dict(kind="split_task_il", num_tasks=4),
+            ValueError,
+            r"6 classes and num_tasks=4; use num_tasks in \[1, 2, 3, 6\]",
+        ),
         (dict(kind="split_class_il", num_tasks=7), ValueError, r"use num_tasks in \[1, 2, 3, 6\]"),
-        (dict(kind="split_class_il", num_tasks=2, class_order="sorted"), ValueError,
-         r"class_order must be 'natural' or 'random'"),
+        (
+            dict(kind="split_class_il", num_tasks=2, class_order="sorted"),
+            ValueError,
+            r"class_order must be 'natural' or 'random'",
+        ),
         (dict(kind="permuted", num_tasks=2, train_subset=0), ValueError, r"train_subset must be None or an int >= 1"),
         (dict(kind="permuted", num_tasks=2, seed=-1), ValueError, r"seed must be a non-negative int"),
         (dict(kind="rotated", num_tasks=2, max_angle=float("nan")), ValueError, r"max_angle must be a finite"),
@@ -466,8 +487,13 @@ KIND = st.sampled_from(list(data.KINDS))
 
 
 @FAST
-@given(kind=KIND, seed=st.integers(0, 2**31), num_tasks=st.sampled_from([1, 2, 3, 6]),
-       subset=st.one_of(st.none(), st.integers(1, 40)), order=st.sampled_from(["natural", "random"]))
+@given(
+    kind=KIND,
+    seed=st.integers(0, 2**31),
+    num_tasks=st.sampled_from([1, 2, 3, 6]),
+    subset=st.one_of(st.none(), st.integers(1, 40)),
+    order=st.sampled_from(["natural", "random"]),
+)
 def test_streams_deterministic_for_seed(kind, seed, num_tasks, subset, order):
     src = synthetic_source()
     kw = dict(class_order=order, train_subset=subset, max_angle=90.0)
@@ -499,9 +525,12 @@ def test_random_class_order_and_subset_depend_on_seed():
 
 
 @FAST
-@given(seed=st.integers(0, 2**31), num_tasks=st.integers(1, 4),
-       shape=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 3)),
-       subset=st.one_of(st.none(), st.integers(1, 20)))
+@given(
+    seed=st.integers(0, 2**31),
+    num_tasks=st.integers(1, 4),
+    shape=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 3)),
+    subset=st.one_of(st.none(), st.integers(1, 20)),
+)
 def test_permuted_task_is_pure_permutation(seed, num_tasks, shape, subset):
     src = synthetic_source(shape=shape, seed=seed % 7)
     stream = make_stream(src, "permuted", num_tasks, seed, train_subset=subset)
@@ -532,9 +561,12 @@ def test_permuted_task_is_pure_permutation(seed, num_tasks, shape, subset):
 
 
 @FAST
-@given(kind=st.sampled_from(["split_task_il", "split_class_il"]),
-       ct=st.sampled_from([(2, 1), (2, 2), (4, 2), (6, 3), (6, 2), (10, 5), (9, 3)]),
-       seed=st.integers(0, 2**31), order=st.sampled_from(["natural", "random"]))
+@given(
+    kind=st.sampled_from(["split_task_il", "split_class_il"]),
+    ct=st.sampled_from([(2, 1), (2, 2), (4, 2), (6, 3), (6, 2), (10, 5), (9, 3)]),
+    seed=st.integers(0, 2**31),
+    order=st.sampled_from(["natural", "random"]),
+)
 def test_split_partition_and_label_remap(kind, ct, seed, order):
     num_classes, num_tasks = ct
     k = num_classes // num_tasks
@@ -548,7 +580,7 @@ def test_split_partition_and_label_remap(kind, ct, seed, order):
     seen = []
     for t in range(num_tasks):
         task = stream.task(t)
-        assert task.classes == class_order[t * k:(t + 1) * k]
+        assert task.classes == class_order[t * k : (t + 1) * k]
         seen.extend(task.classes)
         for split in ("train", "test"):
             sx, sy = getattr(src, f"x_{split}"), getattr(src, f"y_{split}")
@@ -616,8 +648,7 @@ def test_rotated_angle_schedule(num_tasks, max_angle, t):
     src = synthetic_source(shape=(7, 7, 1))
     task = make_stream(src, "rotated", num_tasks, max_angle=max_angle).task(t)
     angle = t * max_angle / num_tasks
-    want = ndimage.rotate(src.x_test, angle, axes=(1, 2), reshape=False, order=1,
-                          cval=float(src.x_train.min()))
+    want = ndimage.rotate(src.x_test, angle, axes=(1, 2), reshape=False, order=1, cval=float(src.x_train.min()))
     np.testing.assert_allclose(task.x_test, want, atol=1e-6)
     assert task.x_test.dtype == np.float32 and task.x_test.shape == src.x_test.shape
 

@@ -26,8 +26,15 @@ def test_two_processes_equal_one(tmp_path):
     env.pop("XLA_FLAGS", None)
     outs = [tmp_path / f"acc{i}.npy" for i in range(2)]
     logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_distributed_worker.py"), str(port), str(i),
-                               str(outs[i])], stdout=logs[i], stderr=subprocess.STDOUT, env=env) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "_distributed_worker.py"), str(port), str(i), str(outs[i])],
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for i in range(2)
+    ]
     try:
         deadline = time.time() + 240
         for p in procs:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+import _cl_tiny  # tests/ is on sys.path under pytest
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,8 +21,6 @@ from experiments import methods
 from experiments.configs import pmnist_gpm
 from experiments.configs.base import SHARED_MNIST
 from experiments.run import run
-
-import _cl_tiny  # tests/ is on sys.path under pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,16 +36,18 @@ def workdir_with_old_results(tmp_path):
     return tmp_path, sentinel
 
 
-
-@pytest.mark.parametrize("key,value,match", [
-    ("method", "gpm,nosuchmethod", "unknown method"),
-    ("method", "", "config.method is empty"),
-    ("stream.kind", "shuffled", "unknown stream.kind"),
-    ("data.source", "no_such_dataset_xyz", "no_such_dataset_xyz"),
-    ("gpm.threshold", (0.9, 1.5, 0.9), "threshold must be in"),
-    ("gpm.threshold", (0.9, 0.9), "2 thresholds given for 3 projected layers"),
-    ("train.optimizer", "rmsprop", "unknown train.optimizer"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("method", "gpm,nosuchmethod", "unknown method"),
+        ("method", "", "config.method is empty"),
+        ("stream.kind", "shuffled", "unknown stream.kind"),
+        ("data.source", "no_such_dataset_xyz", "no_such_dataset_xyz"),
+        ("gpm.threshold", (0.9, 1.5, 0.9), "threshold must be in"),
+        ("gpm.threshold", (0.9, 0.9), "2 thresholds given for 3 projected layers"),
+        ("train.optimizer", "rmsprop", "unknown train.optimizer"),
+    ],
+)
 def test_bad_config_raises_before_writing(workdir_with_old_results, key, value, match):
     workdir, sentinel = workdir_with_old_results
     c = _tiny()
@@ -112,20 +113,36 @@ def test_method_registry_names():
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.main", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
 def test_cli_runs_and_rejects_unknown_config_key(tmp_path):
     workdir = tmp_path / "run"
     config = "experiments/configs/digits_default.py"
-    proc = _cli(f"--config={config}", f"--workdir={workdir}", "--config.method=gpm,finetune",
-                "--config.stream.num_tasks=2", "--config.train.epochs=1", "--config.progress=False")
+    proc = _cli(
+        f"--config={config}",
+        f"--workdir={workdir}",
+        "--config.method=gpm,finetune",
+        "--config.stream.num_tasks=2",
+        "--config.train.epochs=1",
+        "--config.progress=False",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for method in ("gpm", "finetune"):
         res = json.load(open(workdir / method / "results.json"))
-        for key in ("accuracy_matrix", "acc", "bwt", "fwt", "forgetting", "learning_accuracy", "wall_seconds", "config"):
+        for key in (
+            "accuracy_matrix",
+            "acc",
+            "bwt",
+            "fwt",
+            "forgetting",
+            "learning_accuracy",
+            "wall_seconds",
+            "config",
+        ):
             assert key in res
         R = np.array(res["accuracy_matrix"], dtype=float)
         assert R.shape == (2, 2) and np.isfinite(np.diag(R)).all()
@@ -145,8 +162,21 @@ def test_pmnist_hnet_has_the_authors_settings():
 
     c = pmnist_hnet.get_config()
     h = c.hnet
-    assert (c.data.scale, c.data.pad, c.model.hidden, c.train.lr, c.train.batch_size) == ("unit", 2, (1000, 1000), 1e-4, 128)
-    assert (h.type, h.emb_dim, h.chunk_emb_dim, h.chunk_dim, h.hidden, h.activation) == ("chunked", 24, 8, 78000, (25, 25), "elu")
+    assert (c.data.scale, c.data.pad, c.model.hidden, c.train.lr, c.train.batch_size) == (
+        "unit",
+        2,
+        (1000, 1000),
+        1e-4,
+        128,
+    )
+    assert (h.type, h.emb_dim, h.chunk_emb_dim, h.chunk_dim, h.hidden, h.activation) == (
+        "chunked",
+        24,
+        8,
+        78000,
+        (25, 25),
+        "elu",
+    )
     assert (h.beta, h.lookahead, h.layout, h.per_task_heads) == (0.1, True, "torch", True)
     assert c.train.epochs * -(-60000 // c.train.batch_size) >= 5000  # at least the authors' 5,000 iterations
 
@@ -177,8 +207,16 @@ METHOD_RUNS = [
     ("finetune", {}),
     ("joint", {}),
     ("gpm", {}),
-    ("hnet", {"hnet.chunk_dim": 2000, "hnet.hidden": (16,), "model.hidden": (32,), "train.optimizer": "adam",
-              "train.lr": 1e-3}),
+    (
+        "hnet",
+        {
+            "hnet.chunk_dim": 2000,
+            "hnet.hidden": (16,),
+            "model.hidden": (32,),
+            "train.optimizer": "adam",
+            "train.lr": 1e-3,
+        },
+    ),
 ]
 
 
@@ -252,8 +290,9 @@ def _l2_results(rule_state, member):
 
 @pytest.fixture
 def l2_method():
-    method = methods.register(methods.Method("l2", _l2_rule, config=_l2_config, sweepable=("l2.lam", "train.lr"),
-                                             results=_l2_results))
+    method = methods.register(
+        methods.Method("l2", _l2_rule, config=_l2_config, sweepable=("l2.lam", "train.lr"), results=_l2_results)
+    )
     yield method
     methods.METHODS.pop("l2", None)
 
@@ -282,8 +321,11 @@ def test_main_and_run_name_no_method():
     for path in ("experiments/main.py", "experiments/run.py"):
         with open(os.path.join(REPO, path)) as f:
             tree = ast.parse(f.read())
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
-            n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(n.body[0], ast.Expr)}
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(n.body[0], ast.Expr)
+        }
         words = set()
         for n in ast.walk(tree):
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:

@@ -66,8 +66,9 @@ def test_factored_projection_equals_gradient_projection():
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), inputs
 
     (_, inputs), (grads, deltas) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, zeros)
-    np.testing.assert_allclose(inputs["layers/0/kernel"].T @ deltas["layers/0/kernel"],
-                               grads["layers"][0]["kernel"], atol=1e-6)
+    np.testing.assert_allclose(
+        inputs["layers/0/kernel"].T @ deltas["layers/0/kernel"], grads["layers"][0]["kernel"], atol=1e-6
+    )
     via_inputs, _ = rule.update(grads, state, params, layer_inputs=inputs, output_grads=deltas)
     via_grads, _ = rule.update(grads, state, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), via_inputs, via_grads)

@@ -47,20 +47,23 @@ def test_torch_layout_is_the_authors_pytorch_parameter_order():
     module = clx.MLP(6, (5,), 3, rngs=nnx.Rngs(1))
     _, params = clx.FunctionalModel.from_module(module)
     l0, l1 = params["layers"][0], params["layers"][1]
-    expected = np.concatenate([np.asarray(l0["kernel"]).T.ravel(), l0["bias"], np.asarray(l1["kernel"]).T.ravel(),
-                               l1["bias"]])
+    expected = np.concatenate(
+        [np.asarray(l0["kernel"]).T.ravel(), l0["bias"], np.asarray(l1["kernel"]).T.ravel(), l1["bias"]]
+    )
     torch_t = clx.TargetNetwork.from_module(module)  # the default layout
     np.testing.assert_array_equal(torch_t.flatten(params), expected)
     assert [p for p, _, _ in torch_t.shapes] == ["layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias"]
     flax_t = clx.TargetNetwork.from_module(module, layout="flax")
-    np.testing.assert_array_equal(flax_t.flatten(params), np.concatenate(
-        [l0["bias"], np.ravel(l0["kernel"]), l1["bias"], np.ravel(l1["kernel"])]))
+    np.testing.assert_array_equal(
+        flax_t.flatten(params), np.concatenate([l0["bias"], np.ravel(l0["kernel"]), l1["bias"], np.ravel(l1["kernel"])])
+    )
 
     conv = nnx.Conv(2, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
     _, cparams = clx.FunctionalModel.from_module(conv)
     ct = clx.TargetNetwork.from_module(conv)
-    np.testing.assert_array_equal(ct.flatten(cparams), np.concatenate(
-        [np.transpose(cparams["kernel"], (3, 2, 0, 1)).ravel(), cparams["bias"]]))  # flax (kh, kw, in, out)
+    np.testing.assert_array_equal(
+        ct.flatten(cparams), np.concatenate([np.transpose(cparams["kernel"], (3, 2, 0, 1)).ravel(), cparams["bias"]])
+    )  # flax (kh, kw, in, out)
     back = ct.unflatten(ct.flatten(cparams))
     np.testing.assert_array_equal(back["kernel"], cparams["kernel"])
     with pytest.raises(ValueError, match="unknown target layout 'jax'"):
@@ -107,8 +110,12 @@ def test_recurrent_chunks_depend_on_earlier_chunks_only(cell):
     # the chunked (non-recurrent) hypernetwork has no such dependency
     chunked = clx.chunked_hypernetwork(n, 3, cd, 4, (8,))
     th = chunked.init(jax.random.key(0))
-    d = jnp.max(jnp.abs(chunked.apply(dict(th, chunk_emb=th["chunk_emb"].at[j].add(1.0)), e)
-                        - chunked.apply(th, e)).reshape(-1, cd), axis=1)
+    d = jnp.max(
+        jnp.abs(chunked.apply(dict(th, chunk_emb=th["chunk_emb"].at[j].add(1.0)), e) - chunked.apply(th, e)).reshape(
+            -1, cd
+        ),
+        axis=1,
+    )
     assert d[j] > 0 and jnp.all(jnp.delete(d, j) == 0.0)
 
 
@@ -159,8 +166,9 @@ def test_regularizer_without_lookahead_evaluates_at_theta():
     moved = dict(params, hnet=jax.tree.map(lambda p: p + 0.05, params["hnet"]))
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = rule.update(zero, state, moved, task_id=jnp.int32(1))
-    want = jax.grad(lambda th: output_regularizer_loss(hnet, th, params["task_emb"], state.targets,
-                                                       jnp.array([1.0, 0.0, 0.0])))(moved["hnet"])
+    want = jax.grad(
+        lambda th: output_regularizer_loss(hnet, th, params["task_emb"], state.targets, jnp.array([1.0, 0.0, 0.0]))
+    )(moved["hnet"])
     jax.tree.map(lambda u, w: np.testing.assert_allclose(-u, w, rtol=1e-5, atol=1e-6), updates["hnet"], want)
 
 
@@ -208,8 +216,14 @@ def test_random_subset_regularizes_one_old_task_per_step():
     _, state = rule.consolidate(rule.init(params), params, _evidence(2))  # tasks 0, 1, 2 finished
     moved = dict(params, hnet=jax.tree.map(lambda p: p + 0.05, params["hnet"]))
     zero = jax.tree.map(jnp.zeros_like, params)
-    single = [jax.flatten_util.ravel_pytree(jax.grad(lambda th: output_regularizer_loss(
-        hnet, th, params["task_emb"], state.targets, jnp.eye(4)[t]))(moved["hnet"]))[0] for t in range(3)]
+    single = [
+        jax.flatten_util.ravel_pytree(
+            jax.grad(lambda th: output_regularizer_loss(hnet, th, params["task_emb"], state.targets, jnp.eye(4)[t]))(
+                moved["hnet"]
+            )
+        )[0]
+        for t in range(3)
+    ]
     picked = set()
     for _ in range(12):
         updates, state = rule.update(zero, state, moved, task_id=jnp.int32(3))
@@ -310,6 +324,8 @@ def test_a_chain_of_two_rules_that_own_an_optimizer_is_refused():
     rule = clx.output_regularizer(hnet, optax.sgd(0.1), beta=0.1, num_tasks=3)
     assert rule.name == "output_regularizer" and "optimizer" in rule.needs
     with pytest.raises(ValueError, match=r"\['output_regularizer', 'output_regularizer'\].*own optimizer"):
-        clx.chain(clx.output_regularizer(hnet, optax.sgd(0.1), beta=0.1, num_tasks=3),
-                  clx.output_regularizer(hnet, optax.adam(1e-3), beta=0.1, num_tasks=3))
+        clx.chain(
+            clx.output_regularizer(hnet, optax.sgd(0.1), beta=0.1, num_tasks=3),
+            clx.output_regularizer(hnet, optax.adam(1e-3), beta=0.1, num_tasks=3),
+        )
     clx.chain(optax.clip_by_global_norm(1.0), rule)  # one owner, after a plain optax transform: fine

@@ -25,8 +25,9 @@ def _model():
 
 def _fit(rule, num_tasks=2, n=53, epochs=2):
     model, params = _model()
-    return clx.fit(model, params, rule, _stream(num_tasks, n), epochs=epochs, batch_size=10, evidence_samples=20,
-                   progress=False)
+    return clx.fit(
+        model, params, rule, _stream(num_tasks, n), epochs=epochs, batch_size=10, evidence_samples=20, progress=False
+    )
 
 
 def _finetune():
@@ -134,7 +135,10 @@ def test_boundary_move_is_applied_to_the_params_after_each_task():
     chex.assert_trees_all_equal(ours.params, jax.tree.map(lambda p: 0.5 * p, ref.params))
     # ... and the accuracy after the task is measured on the moved params.
     model, _ = _model()
-    x, y = _stream(1).test_set(0) if hasattr(_stream(1), "test_set") else (_stream(1).task(0).x_test,
-                                                                            _stream(1).task(0).y_test)
+    x, y = (
+        _stream(1).test_set(0)
+        if hasattr(_stream(1), "test_set")
+        else (_stream(1).task(0).x_test, _stream(1).task(0).y_test)
+    )
     moved_acc = float(jnp.mean(jnp.argmax(model.apply(ours.params, jnp.asarray(x)), -1) == jnp.asarray(y)))
     assert abs(moved_acc - ours.accuracy_matrix[0, 0]) < 1e-6

@@ -12,11 +12,13 @@ from experiments import report
 
 nan = math.nan
 
-R3 = np.array([
-    [0.90, 0.10, nan],
-    [0.80, 0.95, 0.20],
-    [0.70, 0.85, 0.99],
-])
+R3 = np.array(
+    [
+        [0.90, 0.10, nan],
+        [0.80, 0.95, 0.20],
+        [0.70, 0.85, 0.99],
+    ]
+)
 
 
 def _results(**overrides):
@@ -47,14 +49,12 @@ def written(tmp_path_factory):
 
 
 def _assert_no_temp_files(workdir):
-    leftovers = [p.name for p in workdir.iterdir() if p.name.startswith(".") or
-                 p.name.endswith(".tmp")]
+    leftovers = [p.name for p in workdir.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert leftovers == []
 
 
 def test_writes_the_three_files_and_nothing_else(written):
-    assert sorted(p.name for p in written.iterdir()) == [
-        "accuracy_matrix.csv", "accuracy_matrix.png", "results.json"]
+    assert sorted(p.name for p in written.iterdir()) == ["accuracy_matrix.csv", "accuracy_matrix.png", "results.json"]
     _assert_no_temp_files(written)
 
 
@@ -138,15 +138,35 @@ def test_write_results_validates_the_matrix(tmp_path):
 def test_write_summary(tmp_path):
     rows = {
         "gpm": _results(),
-        "ewc": {"acc": 0.9016, "bwt": -0.04, "fwt": nan, "forgetting": 0.05,
-                "learning_accuracy": 0.93, "wall_seconds": np.float64(3.0)},
+        "ewc": {
+            "acc": 0.9016,
+            "bwt": -0.04,
+            "fwt": nan,
+            "forgetting": 0.05,
+            "learning_accuracy": 0.93,
+            "wall_seconds": np.float64(3.0),
+        },
         "sgd": {"acc": 0.5},
     }
     table = report.write_summary(tmp_path, rows)
     assert (tmp_path / "summary.txt").read_text() == table
     lines = table.splitlines()
-    assert lines[0].split() == ["method", "ACC", "%", "BWT", "%", "FWT", "%",
-                                "forgetting", "%", "learning", "acc", "%", "wall", "s"]
+    assert lines[0].split() == [
+        "method",
+        "ACC",
+        "%",
+        "BWT",
+        "%",
+        "FWT",
+        "%",
+        "forgetting",
+        "%",
+        "learning",
+        "acc",
+        "%",
+        "wall",
+        "s",
+    ]
     gpm = lines[2].split()
     # 2.54/3 -> 84.67 %, -0.15 -> -15.00 %, 0.045 -> +4.50 %, 0.15 -> 15.00 %,
     # 2.84/3 -> 94.67 %, 12.5 s.

@@ -25,8 +25,15 @@ def test_members_equal_separate_runs():
     members = [(0, 0.9), (1, 0.9), (0, 0.99)]
     built = [_cl_tiny.model(seed=s) for s, _ in members]
     kw = dict(epochs=_cl_tiny.EPOCHS, batch_size=_cl_tiny.BATCH, evidence_samples=_cl_tiny.SAMPLES, progress=False)
-    res = fit_members(built[0][0], [p for _, p in built], lambda hp: _rule(lambda t: hp), [v for _, v in members],
-                      stream, seeds=[s for s, _ in members], **kw)
+    res = fit_members(
+        built[0][0],
+        [p for _, p in built],
+        lambda hp: _rule(lambda t: hp),
+        [v for _, v in members],
+        stream,
+        seeds=[s for s, _ in members],
+        **kw,
+    )
     assert res.accuracy_matrix.shape == (3, 2, 2) and res.losses.shape == (3, 2, _cl_tiny.EPOCHS)
     for m, (seed, th) in enumerate(members):
         model, params = _cl_tiny.model(seed=seed)
@@ -43,9 +50,12 @@ def test_members_equal_separate_runs():
 
 def test_fit_members_length_mismatch_is_an_error():
     model, params = _cl_tiny.model()
-    with pytest.raises(ValueError, match="one params pytree, hyperparameter and seed each; got 1 params, 2 hparams, 2 seeds"):
-        fit_members(model, [params], lambda hp: _rule(0.9), [0.0, 0.0], _cl_tiny.stream(), seeds=[0, 1], epochs=1,
-                    batch_size=16)
+    with pytest.raises(
+        ValueError, match="one params pytree, hyperparameter and seed each; got 1 params, 2 hparams, 2 seeds"
+    ):
+        fit_members(
+            model, [params], lambda hp: _rule(0.9), [0.0, 0.0], _cl_tiny.stream(), seeds=[0, 1], epochs=1, batch_size=16
+        )
 
 
 def _config():
@@ -63,7 +73,10 @@ def test_main_writes_one_result_per_member_and_a_summary(tmp_path):
     c.sweep.grid = (0.9, 0.97)
     run(c, str(tmp_path))
     summary = json.load(open(tmp_path / "members_summary.json"))
-    assert summary["members"] == 4 and [g["name"] for g in summary["groups"]] == ["gpm.threshold=0.9", "gpm.threshold=0.97"]
+    assert summary["members"] == 4 and [g["name"] for g in summary["groups"]] == [
+        "gpm.threshold=0.9",
+        "gpm.threshold=0.97",
+    ]
     for g in summary["groups"]:
         v = g["value"]
         accs = [json.load(open(tmp_path / f"gpm.threshold={v:g}_seed_{s}" / "results.json"))["acc"] for s in (0, 1)]
@@ -71,12 +84,15 @@ def test_main_writes_one_result_per_member_and_a_summary(tmp_path):
         assert g["acc_std"] > 0  # two seeds differ
 
 
-@pytest.mark.parametrize("key,grid,match", [
-    ("nosuch.key", (0.5,), "cannot be swept"),
-    ("gpm.threshold", (), "needs config.sweep.grid"),
-    ("gpm.threshold", (0.9, 1.2), "threshold must be in"),
-    ("", (0.5,), "config.sweep.key is empty"),
-])
+@pytest.mark.parametrize(
+    "key,grid,match",
+    [
+        ("nosuch.key", (0.5,), "cannot be swept"),
+        ("gpm.threshold", (), "needs config.sweep.grid"),
+        ("gpm.threshold", (0.9, 1.2), "threshold must be in"),
+        ("", (0.5,), "config.sweep.key is empty"),
+    ],
+)
 def test_bad_sweep_raises_before_writing(tmp_path, key, grid, match):
     from experiments.main import run
 

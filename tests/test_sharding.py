@@ -30,14 +30,16 @@ def test_sharded_gpm_stream_equals_one_device(monkeypatch):
         np.testing.assert_array_equal(np.asarray(gs.subspaces[k].mask), np.asarray(g1.subspaces[k].mask))
         assert int(sub.rank(g1.subspaces[k])) > 0
         # the basis spans the same subspace (columns may differ in sign): compare projectors, then columns up to sign
-        np.testing.assert_allclose(np.asarray(sub.projector(gs.subspaces[k])), np.asarray(sub.projector(g1.subspaces[k])),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(sub.projector(gs.subspaces[k])), np.asarray(sub.projector(g1.subspaces[k])), atol=1e-4
+        )
         m = np.asarray(g1.subspaces[k].mask)
         cos = np.abs(np.sum(np.asarray(gs.subspaces[k].basis)[:, m] * np.asarray(g1.subspaces[k].basis)[:, m], axis=0))
         assert cos.min() > 0.99
     np.testing.assert_allclose(sharded.accuracy_matrix, single.accuracy_matrix, atol=0.01)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
-                 sharded.params, single.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), sharded.params, single.params
+    )
 
     # a (data 4, model 2) mesh: the first kernel (64, 32) is split over "model" once large params start at 1000
     mesh2 = shd.make_mesh((-1, 2))
@@ -54,19 +56,25 @@ def test_sharded_gpm_stream_equals_one_device(monkeypatch):
 
 
 def test_bad_mesh_and_batch_size_errors_then_members_on_a_mesh(tmp_path):
-    with pytest.raises(ValueError, match=r"mesh shape \(3,\) needs 3 devices but there are 8.*use a shape whose product is 8"):
+    with pytest.raises(
+        ValueError, match=r"mesh shape \(3,\) needs 3 devices but there are 8.*use a shape whose product is 8"
+    ):
         shd.make_mesh((3,))
     with pytest.raises(ValueError, match=r"8 devices are not divisible by 3"):
         shd.make_mesh((-1, 3))
     with pytest.raises(ValueError, match="needs a 'data' axis"):
         shd.make_mesh((8,), ("batch",))
-    with pytest.raises(ValueError, match=r"train.batch_size=12 is not divisible by the 8 devices.*multiple of 8 \(e.g. 8 or 16\)"):
+    with pytest.raises(
+        ValueError, match=r"train.batch_size=12 is not divisible by the 8 devices.*multiple of 8 \(e.g. 8 or 16\)"
+    ):
         shd.check_batch_size(12, shd.make_mesh())
     from clx.train import fit
 
     m, params = _cl_tiny.model()
     with pytest.raises(ValueError, match="batch_size=12 is not divisible"):
-        fit(m, params, _cl_tiny.rule(), _cl_tiny.stream(), epochs=1, batch_size=12, mesh=shd.make_mesh(), progress=False)
+        fit(
+            m, params, _cl_tiny.rule(), _cl_tiny.stream(), epochs=1, batch_size=12, mesh=shd.make_mesh(), progress=False
+        )
 
     # the experiment script checks the same before writing anything
     from experiments.configs import digits_default
@@ -91,9 +99,24 @@ def test_bad_mesh_and_batch_size_errors_then_members_on_a_mesh(tmp_path):
     stream = _cl_tiny.stream()
     built = [_cl_tiny.model(seed=s) for s in (0, 1)]
     kw = dict(epochs=1, batch_size=_cl_tiny.BATCH, evidence_samples=_cl_tiny.SAMPLES, progress=False)
-    one = fit_members(built[0][0], [jax.tree.map(np.array, p) for _, p in built], lambda hp: _cl_tiny.rule(),
-                      [0.0, 0.0], stream, seeds=[0, 1], **kw)
-    many = fit_members(built[0][0], [p for _, p in built], lambda hp: _cl_tiny.rule(), [0.0, 0.0], stream,
-                       seeds=[0, 1], mesh=shd.make_mesh(), **kw)
+    one = fit_members(
+        built[0][0],
+        [jax.tree.map(np.array, p) for _, p in built],
+        lambda hp: _cl_tiny.rule(),
+        [0.0, 0.0],
+        stream,
+        seeds=[0, 1],
+        **kw,
+    )
+    many = fit_members(
+        built[0][0],
+        [p for _, p in built],
+        lambda hp: _cl_tiny.rule(),
+        [0.0, 0.0],
+        stream,
+        seeds=[0, 1],
+        mesh=shd.make_mesh(),
+        **kw,
+    )
     np.testing.assert_allclose(many.accuracy_matrix, one.accuracy_matrix, atol=0.01)
     assert not np.array_equal(many.accuracy_matrix[0], many.accuracy_matrix[1])

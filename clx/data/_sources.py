@@ -81,16 +81,10 @@ class Source:
 
     def __post_init__(self):
         where = f"Source {self.name!r}"
-        if isinstance(self.num_classes, bool) or not isinstance(
-            self.num_classes, (int, np.integer)
-        ):
-            raise ValueError(
-                f"{where}: num_classes must be an int, got {self.num_classes!r}."
-            )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)):
+            raise ValueError(f"{where}: num_classes must be an int, got {self.num_classes!r}.")
         if self.num_classes < 1:
-            raise ValueError(
-                f"{where}: num_classes must be >= 1, got {self.num_classes}."
-            )
+            raise ValueError(f"{where}: num_classes must be >= 1, got {self.num_classes}.")
         for split in ("train", "test"):
             x = getattr(self, f"x_{split}")
             y = getattr(self, f"y_{split}")
@@ -116,10 +110,7 @@ class Source:
                     "pass integer class ids, not one-hot vectors."
                 )
             if y.dtype != np.int32:
-                raise ValueError(
-                    f"{where}: y_{split} must be int32, got {y.dtype}; convert with "
-                    ".astype(np.int32)."
-                )
+                raise ValueError(f"{where}: y_{split} must be int32, got {y.dtype}; convert with .astype(np.int32).")
             if len(x) != len(y):
                 raise ValueError(
                     f"{where}: x_{split} has {len(x)} images but y_{split} has "
@@ -349,8 +340,7 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(
-            f"MNIST: {fname} is not a readable gzip file ({e}); it is truncated or "
-            f"corrupt -- {fix}."
+            f"MNIST: {fname} is not a readable gzip file ({e}); it is truncated or corrupt -- {fix}."
         ) from e
     ndims = 3 if magic == _IDX_IMAGES_MAGIC else 1
     header = 4 + 4 * ndims
@@ -362,8 +352,7 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
         )
     if len(raw) < header:
         raise ValueError(
-            f"MNIST: {fname} holds {len(raw)} bytes, fewer than the {header}-byte "
-            f"IDX {kind} header -- {fix}."
+            f"MNIST: {fname} holds {len(raw)} bytes, fewer than the {header}-byte IDX {kind} header -- {fix}."
         )
     dims = struct.unpack(">" + "I" * ndims, raw[4:header])
     want = math.prod(dims)
@@ -461,8 +450,7 @@ def _read_tfds_split(name: str, split: str, src: Any) -> tuple[np.ndarray, np.nd
         for k, rec in zip(keys, records):
             if "image" not in rec or "label" not in rec:
                 raise ValueError(
-                    f"load_source({name!r}): records have keys {sorted(rec)}; "
-                    "expected 'image' and 'label'."
+                    f"load_source({name!r}): records have keys {sorted(rec)}; expected 'image' and 'label'."
                 )
             img = np.asarray(rec["image"])
             if img.ndim == 2:
@@ -470,8 +458,7 @@ def _read_tfds_split(name: str, split: str, src: Any) -> tuple[np.ndarray, np.nd
             if images is None:
                 if img.dtype != np.uint8 or img.ndim != 3:
                     raise ValueError(
-                        f"load_source({name!r}): 'image' must be uint8 (H, W, C), got "
-                        f"{img.dtype} {img.shape}."
+                        f"load_source({name!r}): 'image' must be uint8 (H, W, C), got {img.dtype} {img.shape}."
                     )
                 images = np.empty((n, *img.shape), np.uint8)
                 labels = np.empty((n,), np.int64)

@@ -136,9 +136,7 @@ def _rotate(max_angle, num_tasks, cval, t, x):
         return x.copy()
     from scipy import ndimage
 
-    return ndimage.rotate(
-        x, angle, axes=(1, 2), reshape=False, order=1, mode="constant", cval=cval
-    )
+    return ndimage.rotate(x, angle, axes=(1, 2), reshape=False, order=1, mode="constant", cval=cval)
 
 
 def _unchanged(source: Source, num_tasks: int, seed: int, max_angle: float) -> _InputChange:
@@ -151,20 +149,32 @@ def _copy(t, x):
 
 _KIND_SPECS: dict[str, _KindSpec] = {
     "permuted": _KindSpec(
-        "domain_il", split=False, head_per_task=False,
-        labels=_source_labels, inputs=_permuted,
+        "domain_il",
+        split=False,
+        head_per_task=False,
+        labels=_source_labels,
+        inputs=_permuted,
     ),
     "rotated": _KindSpec(
-        "domain_il", split=False, head_per_task=False,
-        labels=_source_labels, inputs=_rotated,
+        "domain_il",
+        split=False,
+        head_per_task=False,
+        labels=_source_labels,
+        inputs=_rotated,
     ),
     "split_task_il": _KindSpec(
-        "task_il", split=True, head_per_task=True,
-        labels=_labels_in_group, inputs=_unchanged,
+        "task_il",
+        split=True,
+        head_per_task=True,
+        labels=_labels_in_group,
+        inputs=_unchanged,
     ),
     "split_class_il": _KindSpec(
-        "class_il", split=True, head_per_task=False,
-        labels=_labels_in_order, inputs=_unchanged,
+        "class_il",
+        split=True,
+        head_per_task=False,
+        labels=_labels_in_order,
+        inputs=_unchanged,
     ),
 }
 
@@ -198,8 +208,6 @@ class Task:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: tuple[int, ...]
-
-
 
 
 class TaskStream:
@@ -245,9 +253,7 @@ class TaskStream:
         self._inputs = spec.inputs(source, num_tasks, seed, max_angle)
         self._label_map = spec.labels(class_order, self._k, num_tasks)
         cache_ok = source.x_test.nbytes * num_tasks <= _TEST_CACHE_BYTES
-        self._test_cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
-            {} if cache_ok else None
-        )
+        self._test_cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache_ok else None
 
     # ---- read-only attributes ------------------------------------------------
     @property
@@ -362,13 +368,10 @@ class TaskStream:
         try:
             t = operator.index(t)
         except TypeError:
-            raise TypeError(
-                f"task id must be an integer, got {type(t).__name__} {t!r}."
-            ) from None
+            raise TypeError(f"task id must be an integer, got {type(t).__name__} {t!r}.") from None
         if not 0 <= t < self._num_tasks:
             raise IndexError(
-                f"task id {t} out of range: this stream has {self._num_tasks} tasks, "
-                f"ids 0..{self._num_tasks - 1}."
+                f"task id {t} out of range: this stream has {self._num_tasks} tasks, ids 0..{self._num_tasks - 1}."
             )
         return t
 
@@ -452,48 +455,27 @@ def make_stream(
             f"{type(source).__name__}; build one with load_source(...) or Source(...)."
         )
     if kind not in KINDS:
-        raise ValueError(
-            f"make_stream: unknown kind {kind!r}; valid kinds are "
-            f"{', '.join(repr(k) for k in KINDS)}."
-        )
+        raise ValueError(f"make_stream: unknown kind {kind!r}; valid kinds are {', '.join(repr(k) for k in KINDS)}.")
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)):
         raise ValueError(f"make_stream: num_tasks must be an int, got {num_tasks!r}.")
     num_tasks = int(num_tasks)
     if num_tasks < 1:
-        raise ValueError(
-            f"make_stream: num_tasks must be >= 1, got {num_tasks}; a stream needs at "
-            "least one task."
-        )
+        raise ValueError(f"make_stream: num_tasks must be >= 1, got {num_tasks}; a stream needs at least one task.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(
-            f"make_stream: seed must be a non-negative int, got {seed!r}."
-        )
+        raise ValueError(f"make_stream: seed must be a non-negative int, got {seed!r}.")
     seed = int(seed)
     try:
         max_angle = float(max_angle)
     except (TypeError, ValueError):
         max_angle = math.nan
     if not math.isfinite(max_angle):
-        raise ValueError(
-            f"make_stream: max_angle must be a finite number of degrees, got "
-            f"{max_angle!r}."
-        )
+        raise ValueError(f"make_stream: max_angle must be a finite number of degrees, got {max_angle!r}.")
     if train_subset is not None:
-        if (
-            isinstance(train_subset, bool)
-            or not isinstance(train_subset, (int, np.integer))
-            or train_subset < 1
-        ):
-            raise ValueError(
-                f"make_stream: train_subset must be None or an int >= 1, got "
-                f"{train_subset!r}."
-            )
+        if isinstance(train_subset, bool) or not isinstance(train_subset, (int, np.integer)) or train_subset < 1:
+            raise ValueError(f"make_stream: train_subset must be None or an int >= 1, got {train_subset!r}.")
         train_subset = int(train_subset)
     if class_order not in ("natural", "random"):
-        raise ValueError(
-            f"make_stream: class_order must be 'natural' or 'random', got "
-            f"{class_order!r}."
-        )
+        raise ValueError(f"make_stream: class_order must be 'natural' or 'random', got {class_order!r}.")
 
     C = source.num_classes
     order = tuple(range(C))

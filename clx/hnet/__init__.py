@@ -53,7 +53,15 @@ from clx.hnet._regularizer import HnetRegState, output_regularizer, output_regul
 from clx.hnet._target import TargetNetwork
 
 __all__ = [
-    "ACTIVATIONS", "HnetRegState", "HyperModel", "Hypernetwork", "TargetNetwork", "chunked_hypernetwork",
-    "entropy_task_inference", "mlp_hypernetwork", "output_regularizer", "output_regularizer_loss",
+    "ACTIVATIONS",
+    "HnetRegState",
+    "HyperModel",
+    "Hypernetwork",
+    "TargetNetwork",
+    "chunked_hypernetwork",
+    "entropy_task_inference",
+    "mlp_hypernetwork",
+    "output_regularizer",
+    "output_regularizer_loss",
     "recurrent_hypernetwork",
 ]

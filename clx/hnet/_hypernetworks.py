@@ -19,7 +19,11 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu, "elu": jax.nn.elu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "linear": lambda x: x,
+    "relu": jax.nn.relu,
+    "elu": jax.nn.elu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
 }
 
 
@@ -55,8 +59,10 @@ def _dense_init(key, sizes: Sequence[int]) -> list[dict]:
     """Xavier-uniform kernels, zero biases: the init of the authors' code."""
     keys = jax.random.split(key, len(sizes) - 1)
     xavier = jax.nn.initializers.glorot_uniform()
-    return [{"kernel": xavier(k, (a, b), jnp.float32), "bias": jnp.zeros((b,), jnp.float32)}
-            for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+    return [
+        {"kernel": xavier(k, (a, b), jnp.float32), "bias": jnp.zeros((b,), jnp.float32)}
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+    ]
 
 
 def _mlp(layers: list[dict], h: jax.Array, act) -> jax.Array:
@@ -76,8 +82,13 @@ def _with_chunk_embeddings(e: jax.Array, chunk_emb: jax.Array) -> jax.Array:
     Sec. 2; Chandra et al. 2023, Sec. 3).
     """
     lead = e.shape[:-1]
-    return jnp.concatenate([jnp.broadcast_to(e[..., None, :], (*lead, chunk_emb.shape[0], e.shape[-1])),
-                            jnp.broadcast_to(chunk_emb, (*lead, *chunk_emb.shape))], axis=-1)
+    return jnp.concatenate(
+        [
+            jnp.broadcast_to(e[..., None, :], (*lead, chunk_emb.shape[0], e.shape[-1])),
+            jnp.broadcast_to(chunk_emb, (*lead, *chunk_emb.shape)),
+        ],
+        axis=-1,
+    )
 
 
 def _activation(name: str):
@@ -86,8 +97,9 @@ def _activation(name: str):
     return ACTIVATIONS[name]
 
 
-def mlp_hypernetwork(num_outputs: int, emb_dim: int, hidden: Sequence[int] = (100, 100),
-                     activation: str = "relu") -> Hypernetwork:
+def mlp_hypernetwork(
+    num_outputs: int, emb_dim: int, hidden: Sequence[int] = (100, 100), activation: str = "relu"
+) -> Hypernetwork:
     """The full hypernetwork: an MLP ``e (emb_dim,) -> hidden -> (num_outputs,)``.
 
     von Oswald et al. 2020, Sec. 2 (no chunking): one output unit per target weight,
@@ -109,9 +121,15 @@ def mlp_hypernetwork(num_outputs: int, emb_dim: int, hidden: Sequence[int] = (10
     return Hypernetwork(init, apply, int(num_outputs), int(emb_dim), "mlp")
 
 
-def chunked_hypernetwork(num_outputs: int, emb_dim: int, chunk_dim: int, chunk_emb_dim: int,
-                         hidden: Sequence[int] = (25, 25), activation: str = "relu",
-                         chunk_emb_std: float = 1.0) -> Hypernetwork:
+def chunked_hypernetwork(
+    num_outputs: int,
+    emb_dim: int,
+    chunk_dim: int,
+    chunk_emb_dim: int,
+    hidden: Sequence[int] = (25, 25),
+    activation: str = "relu",
+    chunk_emb_std: float = 1.0,
+) -> Hypernetwork:
     """The chunked hypernetwork of von Oswald et al. 2020 (Sec. 2, "Model compression").
 
     The target's ``num_outputs`` weights are produced in ``n_chunks = ceil(num_outputs /
@@ -134,8 +152,10 @@ def chunked_hypernetwork(num_outputs: int, emb_dim: int, chunk_dim: int, chunk_e
 
     def init(key):
         k1, k2 = jax.random.split(key)
-        return {"layers": _dense_init(k1, sizes),
-                "chunk_emb": chunk_emb_std * jax.random.normal(k2, (n_chunks, int(chunk_emb_dim)), jnp.float32)}
+        return {
+            "layers": _dense_init(k1, sizes),
+            "chunk_emb": chunk_emb_std * jax.random.normal(k2, (n_chunks, int(chunk_emb_dim)), jnp.float32),
+        }
 
     def apply(theta, e):
         lead = e.shape[:-1]  # () or (m,): several embeddings are one big matmul
@@ -146,8 +166,15 @@ def chunked_hypernetwork(num_outputs: int, emb_dim: int, chunk_dim: int, chunk_e
     return Hypernetwork(init, apply, int(num_outputs), int(emb_dim), "chunked")
 
 
-def recurrent_hypernetwork(num_outputs: int, emb_dim: int, chunk_dim: int, chunk_emb_dim: int = 8,
-                           hidden_size: int = 64, cell: str = "gru", chunk_emb_std: float = 1.0) -> Hypernetwork:
+def recurrent_hypernetwork(
+    num_outputs: int,
+    emb_dim: int,
+    chunk_dim: int,
+    chunk_emb_dim: int = 8,
+    hidden_size: int = 64,
+    cell: str = "gru",
+    chunk_emb_std: float = 1.0,
+) -> Hypernetwork:
     """The dependency-preserving recurrent hypernetwork (Chandra et al. 2023, Sec. 3).
 
     A GRU or LSTM cell is scanned (``jax.lax.scan``) over the ``n_chunks =
@@ -188,22 +215,26 @@ def recurrent_hypernetwork(num_outputs: int, emb_dim: int, chunk_dim: int, chunk
         xw = jnp.moveaxis(xs @ theta["w_in"] + theta["b"], -2, 0)  # (n_chunks, *lead, gates*hs), one matmul
 
         if cell == "gru":
+
             def step(h, xi):
                 hw = h @ theta["w_h"]
                 r = jax.nn.sigmoid(xi[..., :hs] + hw[..., :hs])
-                z = jax.nn.sigmoid(xi[..., hs:2 * hs] + hw[..., hs:2 * hs])
-                n = jnp.tanh(xi[..., 2 * hs:] + r * hw[..., 2 * hs:])
+                z = jax.nn.sigmoid(xi[..., hs : 2 * hs] + hw[..., hs : 2 * hs])
+                n = jnp.tanh(xi[..., 2 * hs :] + r * hw[..., 2 * hs :])
                 h = (1.0 - z) * n + z * h
                 return h, h
+
             carry = jnp.zeros((*lead, hs), jnp.float32)
         else:
+
             def step(carry, xi):
                 h, cst = carry
                 g = xi + h @ theta["w_h"]
-                i, f, o = (jax.nn.sigmoid(g[..., k * hs:(k + 1) * hs]) for k in range(3))
-                cst = f * cst + i * jnp.tanh(g[..., 3 * hs:])
+                i, f, o = (jax.nn.sigmoid(g[..., k * hs : (k + 1) * hs]) for k in range(3))
+                cst = f * cst + i * jnp.tanh(g[..., 3 * hs :])
                 h = o * jnp.tanh(cst)
                 return (h, cst), h
+
             carry = (jnp.zeros((*lead, hs), jnp.float32), jnp.zeros((*lead, hs), jnp.float32))
 
         _, hs_all = jax.lax.scan(step, carry, xw)  # (n_chunks, *lead, hidden_size)

@@ -99,13 +99,24 @@ class HyperModel:
         ``num_tasks * head_size``); an unknown scenario; sizes < 1.
     """
 
-    def __init__(self, target: TargetNetwork, hnet: Hypernetwork, num_tasks: int, head_size: int, *,
-                 scenario: str = "task_il", per_task_heads: bool = True, emb_std: float = 1.0,
-                 temperature: float = 1.0, input_shape: Sequence[int] | None = None):
+    def __init__(
+        self,
+        target: TargetNetwork,
+        hnet: Hypernetwork,
+        num_tasks: int,
+        head_size: int,
+        *,
+        scenario: str = "task_il",
+        per_task_heads: bool = True,
+        emb_std: float = 1.0,
+        temperature: float = 1.0,
+        input_shape: Sequence[int] | None = None,
+    ):
         if hnet.num_outputs != target.num_params:
             raise ValueError(
                 f"the hypernetwork generates {hnet.num_outputs} weights but the target network has "
-                f"{target.num_params} parameters; build the hypernetwork with num_outputs={target.num_params} (target.num_params)."
+                f"{target.num_params} parameters; build the hypernetwork with "
+                f"num_outputs={target.num_params} (target.num_params)."
             )
         if scenario not in ("task_il", "class_il"):
             raise ValueError(f"unknown scenario {scenario!r}; choose 'task_il' or 'class_il'.")
@@ -119,7 +130,8 @@ class HyperModel:
             got = target.output_shape(input_shape)
             if got != (want,):
                 raise ValueError(
-                    f"the target network outputs {got} per example but {'num_tasks * head_size' if self.per_task_heads else 'head_size'} "
+                    f"the target network outputs {got} per example but "
+                    f"{'num_tasks * head_size' if self.per_task_heads else 'head_size'} "
                     f"= {want} are needed; build the target with {want} outputs."
                 )
 
@@ -127,8 +139,10 @@ class HyperModel:
     def init(self, key: jax.Array) -> dict:
         """Fresh params: ``{"hnet": hnet.init(k1), "task_emb": N(0, emb_std^2) (num_tasks, emb_dim)}``."""
         k1, k2 = jax.random.split(key)
-        return {"hnet": self.hnet.init(k1),
-                "task_emb": self.emb_std * jax.random.normal(k2, (self.num_tasks, self.hnet.emb_dim), jnp.float32)}
+        return {
+            "hnet": self.hnet.init(k1),
+            "task_emb": self.emb_std * jax.random.normal(k2, (self.num_tasks, self.hnet.emb_dim), jnp.float32),
+        }
 
     def num_hnet_params(self, params) -> int:
         """Trainable hypernetwork weights (chunk embeddings included) plus task embeddings."""
@@ -140,8 +154,12 @@ class HyperModel:
 
     def extra_results(self, params) -> dict:
         """Keys for an experiment's results.json."""
-        return {"compression_ratio": self.compression_ratio(params), "hnet_params": self.num_hnet_params(params),
-                "target_params": self.target.num_params, "hnet_type": self.hnet.name}
+        return {
+            "compression_ratio": self.compression_ratio(params),
+            "hnet_params": self.num_hnet_params(params),
+            "target_params": self.target.num_params,
+            "hnet_type": self.hnet.name,
+        }
 
     # -- generation -----------------------------------------------------------------
     def _embedding(self, params, task_id):
@@ -155,12 +173,16 @@ class HyperModel:
             return  # traced: see _embedding
         ids = np.unique(ids)
         if ids.size > 1:
-            raise ValueError(f"one hypernetwork call generates one task's network, but the batch mixes task ids "
-                             f"{ids.tolist()}; split the batch by task.")
+            raise ValueError(
+                f"one hypernetwork call generates one task's network, but the batch mixes task ids "
+                f"{ids.tolist()}; split the batch by task."
+            )
         t = int(ids[0]) if ids.size else None
         if t is not None and not 0 <= t < self.num_tasks:
-            raise ValueError(f"unknown task id {t}: the model has embeddings for tasks 0..{self.num_tasks - 1}; "
-                             "build the HyperModel with more num_tasks.")
+            raise ValueError(
+                f"unknown task id {t}: the model has embeddings for tasks 0..{self.num_tasks - 1}; "
+                "build the HyperModel with more num_tasks."
+            )
 
     def generate_flat(self, params, task_id) -> jax.Array:
         """(n_target,) generated weights of task ``task_id``. Raises ValueError on an unknown (concrete) id."""

@@ -31,8 +31,9 @@ class HnetRegState(NamedTuple):
     key: jax.Array
 
 
-def output_regularizer_loss(hnet: Hypernetwork, theta, task_embs: jax.Array, targets: jax.Array,
-                            weights: jax.Array) -> jax.Array:
+def output_regularizer_loss(
+    hnet: Hypernetwork, theta, task_embs: jax.Array, targets: jax.Array, weights: jax.Array
+) -> jax.Array:
     """``sum_t w_t ||f(e_t, theta) - targets_t||^2 / max(sum_t w_t, 1)`` (float32 scalar).
 
     The regularizer of von Oswald et al. 2020, Eq. 2, without ``beta``:
@@ -44,9 +45,17 @@ def output_regularizer_loss(hnet: Hypernetwork, theta, task_embs: jax.Array, tar
     return jnp.sum(weights * per_task) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def output_regularizer(hnet: Hypernetwork, optimizer: optax.GradientTransformation, *, beta: float,
-                       num_tasks: int, lookahead: bool = True, num_sampled: int | None = None,
-                       reset_optimizer: bool = True, seed: int = 0) -> ContinualTransformation:
+def output_regularizer(
+    hnet: Hypernetwork,
+    optimizer: optax.GradientTransformation,
+    *,
+    beta: float,
+    num_tasks: int,
+    lookahead: bool = True,
+    num_sampled: int | None = None,
+    reset_optimizer: bool = True,
+    seed: int = 0,
+) -> ContinualTransformation:
     """The hypernetwork output regularizer (von Oswald et al. 2020, Eq. 2) with its optimizer.
 
     While task ``T`` trains (``task_id`` extra), each step:
@@ -85,8 +94,12 @@ def output_regularizer(hnet: Hypernetwork, optimizer: optax.GradientTransformati
     regularize = b is None or b > 0
 
     def init(params):
-        return HnetRegState(optimizer.init(params), jnp.zeros((T, hnet.num_outputs), jnp.float32),
-                            jnp.zeros((T,), bool), jax.random.PRNGKey(seed))
+        return HnetRegState(
+            optimizer.init(params),
+            jnp.zeros((T, hnet.num_outputs), jnp.float32),
+            jnp.zeros((T,), bool),
+            jax.random.PRNGKey(seed),
+        )
 
     max_reg = max(T - 1, 0) if num_sampled is None else min(int(num_sampled), max(T - 1, 0))
 
@@ -109,8 +122,10 @@ def output_regularizer(hnet: Hypernetwork, optimizer: optax.GradientTransformati
     def update(grads, state, params=None, *, task_id=None, **extra):
         del extra
         if params is None or task_id is None:
-            raise ValueError("clx.hnet.output_regularizer needs params and the task_id extra "
-                             "(clx.train.fit passes both); call update(grads, state, params, task_id=t).")
+            raise ValueError(
+                "clx.hnet.output_regularizer needs params and the task_id extra "
+                "(clx.train.fit passes both); call update(grads, state, params, task_id=t)."
+            )
         tid = _scalar_task(task_id)
         rows = jnp.arange(T)
         old = state.stored & (rows != tid)
@@ -143,5 +158,4 @@ def output_regularizer(hnet: Hypernetwork, optimizer: optax.GradientTransformati
         opt_state = optimizer.init(params) if reset_optimizer else state.opt_state
         return None, HnetRegState(opt_state, targets, state.stored | upto, state.key)
 
-    return ContinualTransformation(init, update, consolidate, needs=frozenset({"optimizer"}),
-                                   name="output_regularizer")
+    return ContinualTransformation(init, update, consolidate, needs=frozenset({"optimizer"}), name="output_regularizer")

@@ -120,8 +120,14 @@ class TargetNetwork:
     def flatten(self, params: dict) -> jax.Array:
         """The inverse of :meth:`unflatten`: a (num_params,) float32 vector."""
         leaves = jax.tree.leaves(params)
-        return jnp.concatenate([jnp.ravel(leaves[i] if self._axes[i] is None else jnp.transpose(leaves[i], self._axes[i]))
-                                .astype(jnp.float32) for i in self._order])
+        return jnp.concatenate(
+            [
+                jnp.ravel(leaves[i] if self._axes[i] is None else jnp.transpose(leaves[i], self._axes[i])).astype(
+                    jnp.float32
+                )
+                for i in self._order
+            ]
+        )
 
     def apply(self, params: dict, x: jax.Array, task_id=None) -> jax.Array:
         """The module's output on ``x`` with ``params`` (a pure dict, or a flat vector)."""

@@ -62,20 +62,31 @@ class MLP(nnx.Module):
       ValueError: an unknown init, non-positive sizes.
     """
 
-    def __init__(self, in_features: int, hidden: Sequence[int] = (100, 100), num_outputs: int = 10,
-                 num_heads: int = 1, use_bias: bool = True, init: str = "torch", *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int] = (100, 100),
+        num_outputs: int = 10,
+        num_heads: int = 1,
+        use_bias: bool = True,
+        init: str = "torch",
+        *,
+        rngs: nnx.Rngs,
+    ):
         if init not in _INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {sorted(_INITS)}.")
         sizes = [int(in_features), *map(int, hidden)]
         if min(sizes + [int(num_outputs), int(num_heads)]) < 1:
-            raise ValueError(f"MLP sizes must be >= 1: in_features={in_features}, hidden={hidden}, "
-                             f"num_outputs={num_outputs}, num_heads={num_heads}.")
+            raise ValueError(
+                f"MLP sizes must be >= 1: in_features={in_features}, hidden={hidden}, "
+                f"num_outputs={num_outputs}, num_heads={num_heads}."
+            )
         kinit = _INITS[init]
         if num_heads == 1:  # the shared head is the last Dense layer: params flatten input to output
             sizes.append(int(num_outputs))
-        self.layers = nnx.List([
-            nnx.Linear(a, b, use_bias=use_bias, kernel_init=kinit, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])
-        ])
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, use_bias=use_bias, kernel_init=kinit, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
         self.head = MultiHead(sizes[-1], num_outputs, num_heads, use_bias, kinit, rngs=rngs) if num_heads > 1 else None
 
     def __call__(self, x, task_id=None):

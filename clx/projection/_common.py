@@ -57,8 +57,9 @@ def check_per_layer(value, check: Callable[[Any], Any]):
     return check(value)
 
 
-def per_layer(value, paths: list[str], task_id, check: Callable[[Any], Any], *, who: str = "projection",
-              what: str = "threshold") -> list:
+def per_layer(
+    value, paths: list[str], task_id, check: Callable[[Any], Any], *, who: str = "projection", what: str = "threshold"
+) -> list:
     """One value per projected layer, in the order of ``paths``.
 
     Args:

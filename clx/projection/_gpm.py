@@ -130,5 +130,4 @@ def gpm(
             projectors[p] = sub.complement_projector(s)
         return None, GPMState(subspaces, projectors)
 
-    return ContinualTransformation(init, update, consolidate, needs=frozenset({"taps", "representations"}),
-                                   name="gpm")
+    return ContinualTransformation(init, update, consolidate, needs=frozenset({"taps", "representations"}), name="gpm")

@@ -32,5 +32,20 @@ from experiments.methods._registry import (
     swept,
 )
 
-__all__ = ["DATA_MODES", "METHODS", "OPTIMIZERS", "Method", "baselines", "build_mlp", "check_config", "check_sweep",
-           "get", "hnet", "optimizer", "parse", "projection", "register", "swept"]
+__all__ = [
+    "DATA_MODES",
+    "METHODS",
+    "OPTIMIZERS",
+    "Method",
+    "baselines",
+    "build_mlp",
+    "check_config",
+    "check_sweep",
+    "get",
+    "hnet",
+    "optimizer",
+    "parse",
+    "projection",
+    "register",
+    "swept",
+]

@@ -20,8 +20,12 @@ OPTIMIZERS = ("sgd", "adam")
 def build_mlp(config, stream, seed: int):
     """The ``clx.MLP`` of ``config.model`` for ``stream``, as (FunctionalModel, params)."""
     module = clx.MLP(
-        int(np.prod(stream.input_shape)), tuple(config.model.hidden), stream.num_outputs,
-        num_heads=stream.num_heads, use_bias=config.model.use_bias, init=config.model.init,
+        int(np.prod(stream.input_shape)),
+        tuple(config.model.hidden),
+        stream.num_outputs,
+        num_heads=stream.num_heads,
+        use_bias=config.model.use_bias,
+        init=config.model.init,
         rngs=nnx.Rngs(seed),
     )
     return clx.FunctionalModel.from_module(module)
@@ -80,8 +84,9 @@ class Method:
 
     def __post_init__(self):
         if not (self.name.isidentifier() and self.name == self.name.lower()):
-            raise ValueError(f"a method name must be a lower-case Python identifier (it names config.<name>), "
-                             f"got {self.name!r}.")
+            raise ValueError(
+                f"a method name must be a lower-case Python identifier (it names config.<name>), got {self.name!r}."
+            )
         if self.data_mode not in DATA_MODES:
             raise ValueError(f"method {self.name!r}: data_mode must be one of {DATA_MODES}, got {self.data_mode!r}.")
         object.__setattr__(self, "sweepable", tuple(self.sweepable))
@@ -138,9 +143,11 @@ def parse(method: str) -> list[str]:
 def check_config(method: Method, config) -> None:
     """Raises ValueError if ``config`` lacks ``method``'s block, or ``method.check`` finds a bad value."""
     if method.config is not None and method.name not in config:
-        raise ValueError(f"method {method.name!r} needs a config.{method.name} block, and this config has none: "
-                         f"add `c.{method.name} = methods.get({method.name!r}).config()` to the config file "
-                         "(configs/base.py adds the block of every method registered before base_config() runs).")
+        raise ValueError(
+            f"method {method.name!r} needs a config.{method.name} block, and this config has none: "
+            f"add `c.{method.name} = methods.get({method.name!r}).config()` to the config file "
+            "(configs/base.py adds the block of every method registered before base_config() runs)."
+        )
     method.check(config)
 
 
@@ -148,8 +155,9 @@ def check_sweep(method: Method, key: str) -> None:
     """Raises ValueError if ``method`` does not list ``key`` in ``sweepable``."""
     if key not in method.sweepable:
         can = f"it sweeps {list(method.sweepable)}" if method.sweepable else "it has no sweepable hyperparameter"
-        raise ValueError(f"config.sweep.key={key!r} cannot be swept: it is not supported for method "
-                         f"{method.name!r} ({can}).")
+        raise ValueError(
+            f"config.sweep.key={key!r} cannot be swept: it is not supported for method {method.name!r} ({can})."
+        )
 
 
 def swept(config, hp, key: str, default):

@@ -24,27 +24,40 @@ def build_hyper_model(config, stream, seed: int):
     class_il = stream.scenario == "class_il"
     T = stream.num_tasks
     if class_il and stream.num_outputs % T:
-        raise ValueError(f"class-IL hypernetworks need num_outputs divisible by num_tasks, got {stream.num_outputs} "
-                         f"and {T}.")
+        raise ValueError(
+            f"class-IL hypernetworks need num_outputs divisible by num_tasks, got {stream.num_outputs} and {T}."
+        )
     head = stream.num_outputs // T if class_il else stream.num_outputs
     n_out = T * head if h.per_task_heads else head
     d_in = int(np.prod(stream.input_shape))
-    target = clx.TargetNetwork.from_module_fn(lambda: clx.MLP(
-        d_in, tuple(config.model.hidden), n_out, use_bias=config.model.use_bias, rngs=nnx.Rngs(0)), layout=h.layout)
+    target = clx.TargetNetwork.from_module_fn(
+        lambda: clx.MLP(d_in, tuple(config.model.hidden), n_out, use_bias=config.model.use_bias, rngs=nnx.Rngs(0)),
+        layout=h.layout,
+    )
     n = target.num_params
     if h.type == "chunked":
-        hnet = clx.chunked_hypernetwork(n, h.emb_dim, h.chunk_dim, h.chunk_emb_dim, tuple(h.hidden), h.activation,
-                                        chunk_emb_std=h.chunk_emb_std)
+        hnet = clx.chunked_hypernetwork(
+            n, h.emb_dim, h.chunk_dim, h.chunk_emb_dim, tuple(h.hidden), h.activation, chunk_emb_std=h.chunk_emb_std
+        )
     elif h.type == "recurrent":
-        hnet = clx.recurrent_hypernetwork(n, h.emb_dim, h.chunk_dim, h.chunk_emb_dim, h.rnn_hidden, h.cell,
-                                          chunk_emb_std=h.chunk_emb_std)
+        hnet = clx.recurrent_hypernetwork(
+            n, h.emb_dim, h.chunk_dim, h.chunk_emb_dim, h.rnn_hidden, h.cell, chunk_emb_std=h.chunk_emb_std
+        )
     elif h.type == "mlp":
         hnet = clx.mlp_hypernetwork(n, h.emb_dim, tuple(h.hidden), h.activation)
     else:
         raise ValueError(f"unknown hnet.type {h.type!r}; choose 'chunked', 'recurrent' or 'mlp'.")
-    model = clx.HyperModel(target, hnet, T, head, scenario="class_il" if class_il else "task_il",
-                           per_task_heads=h.per_task_heads, emb_std=h.emb_std, temperature=h.temperature,
-                           input_shape=stream.input_shape)
+    model = clx.HyperModel(
+        target,
+        hnet,
+        T,
+        head,
+        scenario="class_il" if class_il else "task_il",
+        per_task_heads=h.per_task_heads,
+        emb_std=h.emb_std,
+        temperature=h.temperature,
+        input_shape=stream.input_shape,
+    )
     return model, model.init(jax.random.key(seed))
 
 
@@ -84,12 +97,26 @@ def check(config) -> None:
 def hnet_rule(config, model, hp=None):
     """The output regularizer of ``model``'s hypernetwork, owning ``config.train``'s optimizer."""
     h = config.hnet
-    return clx.output_regularizer(model.hnet, optimizer(config, hp), beta=h.beta, num_tasks=model.num_tasks,
-                                  lookahead=h.lookahead, num_sampled=h.num_sampled or None,
-                                  reset_optimizer=h.reset_optimizer, seed=config.seed)
+    return clx.output_regularizer(
+        model.hnet,
+        optimizer(config, hp),
+        beta=h.beta,
+        num_tasks=model.num_tasks,
+        lookahead=h.lookahead,
+        num_sampled=h.num_sampled or None,
+        reset_optimizer=h.reset_optimizer,
+        seed=config.seed,
+    )
 
 
-HNET = register(Method(
-    "hnet", hnet_rule, config=hnet_config, sweepable=(), build_model=build_hyper_model, check=check,
-    evidence_samples=lambda config: 1,
-))
+HNET = register(
+    Method(
+        "hnet",
+        hnet_rule,
+        config=hnet_config,
+        sweepable=(),
+        build_model=build_hyper_model,
+        check=check,
+        evidence_samples=lambda config: 1,
+    )
+)

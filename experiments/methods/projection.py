@@ -36,7 +36,13 @@ def gpm_basis_ranks(rule_state, member) -> dict:
     return {"gpm_basis_ranks": {k: int(m.sum() if member is None else m[member].sum()) for k, m in masks.items()}}
 
 
-GPM = register(Method(
-    "gpm", gpm_rule, config=gpm_config, sweepable=("gpm.threshold", "train.lr"), results=gpm_basis_ranks,
-    evidence_samples=lambda config: int(config.gpm.num_samples),
-))
+GPM = register(
+    Method(
+        "gpm",
+        gpm_rule,
+        config=gpm_config,
+        sweepable=("gpm.threshold", "train.lr"),
+        results=gpm_basis_ranks,
+        evidence_samples=lambda config: int(config.gpm.num_samples),
+    )
+)
