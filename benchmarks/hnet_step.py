@@ -83,8 +83,12 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--num-sampled", type=int, default=0, help=">0: regularize this many random old tasks per step")
-    ap.add_argument("--layout", choices=clx.TargetNetwork.LAYOUTS, default="torch",
-                    help="order of the generated vector (clx.TargetNetwork)")
+    ap.add_argument(
+        "--layout",
+        choices=clx.TargetNetwork.LAYOUTS,
+        default="torch",
+        help="order of the generated vector (clx.TargetNetwork)",
+    )
     args = ap.parse_args()
     T, k, B = 10, 10, args.batch
 
@@ -98,7 +102,7 @@ def main():
     state = rule.init(params)
     ev = Evidence(jnp.int32(args.old_tasks - 1), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32), {}, None)
     if args.old_tasks > 0:
-        state = rule.consolidate(state, params, ev)
+        _, state = rule.consolidate(state, params, ev)  # (moves, state); the regularizer never moves params
     tid = jnp.int32(args.old_tasks)
 
     x = jax.random.normal(jax.random.key(1), (B, 28, 28, 1))
@@ -139,9 +143,11 @@ def main():
     t_plain = time_steps(plain_step, tparams, pstate, repeats=r)
     t_hnet = time_steps(hnet_step, jax.tree.map(jnp.copy, params), state, repeats=r)
     n_reg = min(args.old_tasks, args.num_sampled) if args.num_sampled else args.old_tasks
-    print(f"devices: {jax.devices()}; batch {B}; target {target.num_params:,} weights ({args.layout} layout); "
-          f"hnet {model.num_hnet_params(params):,} (compression {model.compression_ratio(params):.3f}); "
-          f"{n_reg} old task(s) regularized per step")
+    print(
+        f"devices: {jax.devices()}; batch {B}; target {target.num_params:,} weights ({args.layout} layout); "
+        f"hnet {model.num_hnet_params(params):,} (compression {model.compression_ratio(params):.3f}); "
+        f"{n_reg} old task(s) regularized per step"
+    )
     print(f"plain step        {1e3 * t_plain:8.2f} ms")
     print(f"hnet step         {1e3 * t_hnet:8.2f} ms   ratio hnet/plain {t_hnet / t_plain:.2f}x")
     print(f"  generation fwd            {1e3 * t_gen:8.2f} ms")

@@ -31,7 +31,10 @@ Every method family fits it without a special case in the trainer:
   pytree that the trainer adds to the params (``optax.apply_updates``), or ``None``
   for no move (then the params are untouched, bit for bit);
 - **layer taps** (the inputs and output gradients of every Dense layer): declare
-  ``"taps"``; only rules that declare it pay for them.
+  ``"taps"``; only rules that declare it pay for them;
+- **randomness per step** (sampling a replay batch): declare ``"key"`` and
+  ``update`` receives ``key`` (the loss term sees it as ``batch.key``), drawn from
+  the run's seed, so vmapped seeds sample independently.
 
 Every function is pure and jit-able and every state is a pytree, so a rule can be
 jitted, vmapped over seeds, sharded and checkpointed like any optax state.
@@ -62,6 +65,8 @@ NEEDS: dict[str, str] = {
     "batch": "update receives batch, the step's clx.Batch (inputs, labels, task ids, weights, logits)",
     "grad_fn": "update receives grad_fn(params, batch) -> the task loss's gradient on another batch",
     "optimizer": "the rule applies its own optimizer (its updates are final steps); at most one per chain",
+    "key": "update receives key, a PRNG key unique to the member (seed), task, epoch and step, and the loss term "
+    "sees the same key as batch.key (for sampling a replay batch); fold it in before each separate use",
 }
 
 
@@ -73,7 +78,7 @@ class ContinualTransformation(NamedTuple):
       update: ``update(updates, state, params=None, **extra) -> (updates, state)``,
         exactly optax's signature. The trainer always passes ``task_id`` (int32
         scalar, the task being trained) as an extra, and the extras of ``needs``
-        (``layer_inputs``/``output_grads``, ``batch``, ``grad_fn``); a rule ignores
+        (``layer_inputs``/``output_grads``, ``batch``, ``grad_fn``, ``key``); a rule ignores
         the extras it does not use (accept ``**extra``).
       consolidate: ``consolidate(state, params, evidence) -> (moves, state)``,
         called once after each task with the :class:`Evidence` gathered by the
@@ -114,6 +119,8 @@ class Batch:
       logits: (B, k) float32, the model's outputs on ``x`` at the step's params:
         differentiable inside ``loss``, constants in ``update``; None when a rule
         builds a Batch of its own (e.g. from a buffer) for ``grad_fn``.
+      key: the step's PRNG key (a typed key array) when the rule declares
+        ``"key"``, else None; the same key ``update`` receives.
     """
 
     x: jax.Array
@@ -121,6 +128,7 @@ class Batch:
     task_ids: jax.Array
     weights: jax.Array
     logits: jax.Array | None = None
+    key: jax.Array | None = None
 
 
 @struct.dataclass

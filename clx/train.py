@@ -22,7 +22,7 @@ before the one backward pass. Joint training is a data mode (``cumulative=True``
 task t trains on the union of tasks 0..t), not a rule.
 
 Randomness comes from named PRNG streams of each seed's key (:func:`shuffle_key`,
-:func:`evidence_key`), so no two uses of the key can collide.
+:func:`evidence_key`, :func:`step_key`), so no two uses of the key can collide.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ def shuffle_key(key: jax.Array, task, epoch) -> jax.Array:
 def evidence_key(key: jax.Array, task) -> jax.Array:
     """The key that draws task ``task``'s evidence sample."""
     return jax.random.fold_in(jax.random.fold_in(key, 1), task)
+
+
+def step_key(key: jax.Array, task, epoch, step) -> jax.Array:
+    """The key a rule that needs ``"key"`` receives at batch ``step`` of epoch ``epoch`` of task ``task``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), task), epoch), step)
 
 
 # --- results and options ---------------------------------------------------------------------------------------------
@@ -205,14 +210,20 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None):
         shapes = model.tap_shapes(params, x[:batch_size], task_ids[:batch_size]) if taps else {}
         zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
 
+        wants_key = "key" in rule.needs
+        key = jax.random.wrap_key_data(key_data)
+
         def step(carry, batch):
             params, rule_state = carry
-            bi, bw = batch
+            bi, bw, i = batch
             b = Batch(x[bi], y[bi], task_ids[bi], bw)
             if batch_spec is not None:  # data parallel: each device computes its slice of the batch
                 b = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, batch_spec), b)
-            (loss, (inputs, logits)), (grads, deltas) = grad_fn(params, zeros, rule_state, b)
             extra = dict(extra_fns)
+            if wants_key:
+                extra["key"] = step_key(key, task, epoch, i)
+                b = b.replace(key=extra["key"])
+            (loss, (inputs, logits)), (grads, deltas) = grad_fn(params, zeros, rule_state, b)
             if taps:
                 extra.update(layer_inputs=inputs, output_grads=deltas)
             if "batch" in rule.needs:
@@ -220,7 +231,8 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None):
             updates, rule_state = rule.update(grads, rule_state, params, task_id=b.task_ids[0], **extra)
             return (optax.apply_updates(params, updates), rule_state), loss * jnp.sum(bw)
 
-        (params, rule_state), losses = jax.lax.scan(step, (params, rule_state), (idx, w))
+        steps = start + jnp.arange(idx.shape[0], dtype=jnp.int32)
+        (params, rule_state), losses = jax.lax.scan(step, (params, rule_state), (idx, w, steps))
         return params, rule_state, jnp.sum(losses)
 
     return train_steps

@@ -142,3 +142,44 @@ def test_boundary_move_is_applied_to_the_params_after_each_task():
     )
     moved_acc = float(jnp.mean(jnp.argmax(model.apply(ours.params, jnp.asarray(x)), -1) == jnp.asarray(y)))
     assert abs(moved_acc - ours.accuracy_matrix[0, 0]) < 1e-6
+
+
+# --- a key per step ---------------------------------------------------------------------------------------------------
+
+
+def _key_recorder():
+    """Records the step keys it receives in update and (as batch.key) in its loss term, as uint32 key data."""
+
+    def init(params):
+        return (jnp.zeros((2, 2), jnp.uint32), jnp.zeros((2, 2), jnp.uint32), jnp.zeros((), jnp.int32))
+
+    def loss(params, state, batch, apply_fn):
+        return 0.0 * jnp.sum(jax.random.key_data(batch.key).astype(jnp.float32))
+
+    def update(updates, state, params=None, *, key, **extra):
+        seen, _, n = state
+        return updates, (seen.at[n % 2].set(jax.random.key_data(key)), seen, n + 1)
+
+    return clx.ContinualTransformation(
+        init, update, lambda s, p, ev: (None, s), loss=loss, needs=frozenset({"key"}), name="key_recorder"
+    )
+
+
+def test_key_need_gives_each_step_and_each_seed_its_own_key_from_the_named_stream():
+    model, params = _model()
+    x, y = _task0(20)
+    ids = jnp.zeros(len(y), jnp.int32)
+    rule = clx.chain(_key_recorder(), optax.sgd(0.0))
+    steps = clx.train.make_train_steps_fn(model, rule, batch_size=10)(2)  # two steps: batches 0 and 1
+    for seed in (0, 1):
+        key = jax.random.key(seed)
+        p = jax.tree.map(jnp.copy, params)  # the train steps donate the params
+        _, state, _ = steps(None, p, rule.init(p), x, y, ids, jax.random.key_data(key), 3, 4, 0)
+        seen = np.asarray(state[0][0])
+        for i in (0, 1):
+            np.testing.assert_array_equal(seen[i], jax.random.key_data(clx.train.step_key(key, 3, 4, i)))
+        assert not np.array_equal(seen[0], seen[1])
+    # resuming at batch 1 gives batch 1 the same key as the uninterrupted run
+    one = clx.train.make_train_steps_fn(model, rule, batch_size=10)(1)
+    _, state, _ = one(None, params, rule.init(params), x, y, ids, jax.random.key_data(jax.random.key(1)), 3, 4, 1)
+    np.testing.assert_array_equal(state[0][0][0], jax.random.key_data(clx.train.step_key(jax.random.key(1), 3, 4, 1)))
