@@ -404,6 +404,7 @@ def test_tfds_split_reader_uses_batched_reads():
         ("permuted", "domain_il", 6, 1),
         ("rotated", "domain_il", 6, 1),
         ("split_task_il", "task_il", 2, 3),
+        ("split_domain_il", "domain_il", 2, 1),
         ("split_class_il", "class_il", 6, 1),
     ],
 )
@@ -430,7 +431,8 @@ def test_stream_attributes(kind, scenario, outputs, heads):
         (
             dict(kind="shuffled", num_tasks=2),
             ValueError,
-            r"unknown kind 'shuffled'; valid kinds are 'permuted', 'rotated', 'split_task_il', 'split_class_il'",
+            r"unknown kind 'shuffled'; valid kinds are 'permuted', 'rotated', 'split_task_il', 'split_domain_il', "
+            r"'split_class_il'",
         ),
         (dict(kind="permuted", num_tasks=0), ValueError, r"num_tasks must be >= 1, got 0"),
         (
@@ -562,7 +564,7 @@ def test_permuted_task_is_pure_permutation(seed, num_tasks, shape, subset):
 
 @FAST
 @given(
-    kind=st.sampled_from(["split_task_il", "split_class_il"]),
+    kind=st.sampled_from(["split_task_il", "split_domain_il", "split_class_il"]),
     ct=st.sampled_from([(2, 1), (2, 2), (4, 2), (6, 3), (6, 2), (10, 5), (9, 3)]),
     seed=st.integers(0, 2**31),
     order=st.sampled_from(["natural", "random"]),
@@ -576,7 +578,8 @@ def test_split_partition_and_label_remap(kind, ct, seed, order):
     assert sorted(class_order) == list(range(num_classes))
     if order == "natural":
         assert class_order == tuple(range(num_classes))
-    assert stream.num_outputs == (k if kind == "split_task_il" else num_classes)
+    assert stream.num_outputs == (num_classes if kind == "split_class_il" else k)
+    assert stream.num_heads == (num_tasks if kind == "split_task_il" else 1)
     seen = []
     for t in range(num_tasks):
         task = stream.task(t)
@@ -588,7 +591,7 @@ def test_split_partition_and_label_remap(kind, ct, seed, order):
             tx, ty = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
             np.testing.assert_array_equal(tx, sx[mask])  # exactly the task's examples, in order
             orig = sy[mask]
-            if kind == "split_task_il":
+            if kind != "split_class_il":  # task-IL and domain-IL: the position inside the group
                 want = [task.classes.index(c) for c in orig]
                 assert set(ty.tolist()) <= set(range(k))
             else:
@@ -605,6 +608,8 @@ def test_split_digits_task_il_labels(digits):
     task = stream.task(3)
     assert task.classes == (6, 7)
     np.testing.assert_array_equal(task.y_train, digits.y_train[np.isin(digits.y_train, (6, 7))] - 6)
+    dil = make_stream(digits, "split_domain_il", 5).task(3)  # "first or second digit of the pair"
+    np.testing.assert_array_equal(dil.y_train, task.y_train)
     cil = make_stream(digits, "split_class_il", 5).task(3)
     np.testing.assert_array_equal(cil.y_test, digits.y_test[np.isin(digits.y_test, (6, 7))])
 
@@ -683,7 +688,7 @@ def test_mnist_unit_scale(mnist):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-@pytest.mark.parametrize("kind", ["permuted", "rotated", "split_task_il", "split_class_il"])
+@pytest.mark.parametrize("kind", ["permuted", "rotated", "split_task_il", "split_domain_il", "split_class_il"])
 def test_test_set_equals_task_test_split(kind, cache, monkeypatch):
     if not cache:  # the uncached path recomputes the test split every call
         monkeypatch.setattr("clx.data._streams._TEST_CACHE_BYTES", 0)

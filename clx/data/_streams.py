@@ -18,6 +18,9 @@ kind                scenario     what changes between tasks
                                  task, one head per task (Split MNIST, Zenke et al.
                                  2017, "Continual learning through synaptic
                                  intelligence")
+``split_domain_il`` domain_il    the same groups; labels 0..k-1 inside the task, one
+                                 shared head of k outputs (Split MNIST domain-IL: "first
+                                 or second digit of the pair", van de Ven & Tolias 2019)
 ``split_class_il``  class_il     the same groups; one shared head over all classes
 ==================  ===========  =====================================================
 
@@ -31,6 +34,7 @@ order of the stream's class order):
 * permuted / rotated: labels are the source labels, ``num_outputs = num_classes``.
 * split_task_il: label = position of the original class inside the task's group,
   ``0..k-1`` with ``k = num_classes // num_tasks``; ``num_heads = num_tasks``.
+* split_domain_il: the same labels ``0..k-1``, ``num_outputs = k``, one head.
 * split_class_il: label = position of the original class in the stream's class order,
   so task ``t`` owns labels ``t*k .. (t+1)*k - 1``; ``num_outputs = num_classes``.
 
@@ -75,8 +79,9 @@ class _KindSpec:
         requires ``num_classes % num_tasks == 0`` and every class present in
         training) and task ``t`` holds only the examples of group ``t``. False: every
         task holds every example and ``k = num_classes``.
-      head_per_task: True: ``num_heads = num_tasks`` and ``num_outputs = k``.
-        False: one shared head, ``num_outputs = num_classes``.
+      head_per_task: True: ``num_heads = num_tasks``; False: one shared head.
+      outputs_per_group: True: labels lie in ``0..k-1`` and ``num_outputs = k``;
+        False: ``num_outputs = num_classes``.
       labels: ``(class_order, k, num_tasks) -> lut``: an int32 ``(num_classes,)``
         table from source label to task label, or None to keep the source labels.
       inputs: ``(source, num_tasks, seed, max_angle) -> change``, called once per
@@ -87,6 +92,7 @@ class _KindSpec:
     scenario: str
     split: bool
     head_per_task: bool
+    outputs_per_group: bool
     labels: Callable[[tuple[int, ...], int, int], np.ndarray | None]
     inputs: Callable[[Source, int, int, float], _InputChange]
 
@@ -152,6 +158,7 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "domain_il",
         split=False,
         head_per_task=False,
+        outputs_per_group=False,
         labels=_source_labels,
         inputs=_permuted,
     ),
@@ -159,6 +166,7 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "domain_il",
         split=False,
         head_per_task=False,
+        outputs_per_group=False,
         labels=_source_labels,
         inputs=_rotated,
     ),
@@ -166,6 +174,15 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "task_il",
         split=True,
         head_per_task=True,
+        outputs_per_group=True,
+        labels=_labels_in_group,
+        inputs=_unchanged,
+    ),
+    "split_domain_il": _KindSpec(
+        "domain_il",
+        split=True,
+        head_per_task=False,
+        outputs_per_group=True,
         labels=_labels_in_group,
         inputs=_unchanged,
     ),
@@ -173,6 +190,7 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "class_il",
         split=True,
         head_per_task=False,
+        outputs_per_group=False,
         labels=_labels_in_order,
         inputs=_unchanged,
     ),
@@ -219,11 +237,11 @@ class TaskStream:
     cached while all of them together are small.
 
     Attributes:
-      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_class_il'``.
-      scenario: ``'domain_il'`` (permuted, rotated), ``'task_il'`` or ``'class_il'``.
+      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_domain_il' | 'split_class_il'``.
+      scenario: ``'domain_il'`` (permuted, rotated, split_domain_il), ``'task_il'`` or ``'class_il'``.
       num_tasks: number of tasks ``T``.
       num_outputs: logits per head: ``num_classes`` (permuted, rotated,
-        split_class_il) or ``num_classes // num_tasks`` (split_task_il).
+        split_class_il) or ``num_classes // num_tasks`` (split_task_il, split_domain_il).
       num_heads: ``num_tasks`` for split_task_il, else 1.
       input_shape: ``(H, W, C)``.
       class_order: all class ids in the stream's order (``tuple(range(C))`` unless
@@ -270,7 +288,7 @@ class TaskStream:
 
     @property
     def num_outputs(self) -> int:
-        return self._k if self._spec.head_per_task else self._source.num_classes
+        return self._k if self._spec.outputs_per_group else self._source.num_classes
 
     @property
     def num_heads(self) -> int:
@@ -425,10 +443,11 @@ def make_stream(
         ``t * max_angle / num_tasks`` degrees (``scipy.ndimage.rotate``,
         ``reshape=False``, bilinear ``order=1``, corners filled with the darkest
         training pixel, i.e. the background), labels unchanged; task 0 is the
-        source. ``'split_task_il'`` / ``'split_class_il'`` -- the classes, in
-        ``class_order``, are cut into ``num_tasks`` groups of
+        source. ``'split_task_il'`` / ``'split_domain_il'`` / ``'split_class_il'`` --
+        the classes, in ``class_order``, are cut into ``num_tasks`` groups of
         ``k = num_classes // num_tasks``; task ``t`` holds the examples of group
-        ``t`` with labels ``0..k-1`` (task-IL) or ``t*k..(t+1)*k-1`` (class-IL)
+        ``t`` with labels ``0..k-1`` (task-IL: one head per task; domain-IL: one
+        shared head of k outputs) or ``t*k..(t+1)*k-1`` (class-IL)
         (Zenke et al. 2017; scenarios per van de Ven & Tolias 2019).
       num_tasks: ``T >= 1``; split kinds need ``num_classes % T == 0``.
       seed: the stream's seed (permutations, random class order, subsets).

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pad = 0  # background pixels added on each side (hypercl pads MNIST to 32x32: 2)
 
     c.stream = ml_collections.ConfigDict()
-    c.stream.kind = "permuted"  # permuted | rotated | split_task_il | split_class_il
+    c.stream.kind = "permuted"  # permuted | rotated | split_task_il | split_domain_il | split_class_il
     c.stream.num_tasks = 5
     c.stream.train_subset = 0  # >0: keep this many training examples per task
     c.stream.max_angle = 180.0  # rotated streams
