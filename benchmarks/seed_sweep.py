@@ -1,4 +1,4 @@
-"""8 seeds as one program (vmapped or lax.map-ed) against 1 seed, and against 8 seeds one after another.
+"""8 seeds in one run (vmapped, lax.map-ed or looped) against 1 seed, and against 8 seeds one after another.
 
 The PMNIST MLP (784-100-100-10, no biases), GPM (thresholds 0.95 / 0.99 / 0.99, 300
 samples) + SGD 0.01 at batch 10, on one permuted-MNIST task (the real MNIST files
@@ -13,10 +13,11 @@ warm-up call, median of ``--repeats``:
 * 1 seed: ``member_axis=None``;
 * 8 seeds vmapped: ``member_axis="vmap"`` (``jax.vmap`` over the member axis);
 * 8 seeds lax.map: ``member_axis="map"`` (the members one after another inside one program);
+* 8 seeds loop: ``member_axis="loop"`` (the 1-seed program called per member on the stacked state);
 * 8 seeds one after another: the 1-seed program called 8 times.
 
 With ``--full`` also whole runs (2 tasks, 1 epoch, compilation included): ``clx.fit``
-for 1 seed against ``clx.fit_members`` for 8 with ``member_axis="auto"`` (lax.map on
+for 1 seed against ``clx.fit_members`` for 8 with ``member_axis="auto"`` (loop on
 CPU, vmap on GPU/TPU).
 
 On 2 CPU cores shared with other jobs (JAX 0.12, real MNIST, 10,000 examples =
@@ -178,12 +179,12 @@ def main():
         how: carried(
             make_train_steps_fn(m, rule, BATCH, member_axis=how)(nb), hps, stacked_p, stacked_s, stacked_k, x, y, ids
         )
-        for how in ("vmap", "map")
+        for how in ("vmap", "map", "loop")
     }
 
     t1 = timed(one, args.repeats)
     print(f"1 seed: {t1:.3f} s/epoch", flush=True)
-    for how, label in (("vmap", "vmapped"), ("map", "lax.map")):
+    for how, label in (("vmap", "vmapped"), ("map", "lax.map"), ("loop", "fit_members' loop (the CPU default)")):
         t = timed(members[how], args.repeats)
         print(f"{M} seeds {label}: {t:.3f} s/epoch -> {t / t1:.2f}x", flush=True)
     ts = timed(sequential, max(1, args.repeats // 2))

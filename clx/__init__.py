@@ -36,6 +36,7 @@ from clx.hnet import (
 )
 from clx.models import MLP
 from clx.projection import GPMState, gpm
+from clx.replay import AGEMState, DERState, ERState, GEMState, agem, der, derpp, er, gem
 from clx.subspace import Subspace
 from clx.train import CheckpointOptions, FitResult, fit, fit_members
 
@@ -64,6 +65,16 @@ __all__ = [
     "Subspace",
     "gpm",
     "subspace",
+    # replay
+    "AGEMState",
+    "DERState",
+    "ERState",
+    "GEMState",
+    "agem",
+    "der",
+    "derpp",
+    "er",
+    "gem",
     # hypernetworks
     "HyperModel",
     "TargetNetwork",

@@ -59,6 +59,11 @@ CONTRACT = {
     "joint": _registered("joint"),
     "gpm": _registered("gpm"),
     "hnet": _registered("hnet"),
+    "er": _registered("er"),
+    "agem": _registered("agem"),
+    "gem": _registered("gem"),
+    "der": _registered("der"),
+    "derpp": _registered("derpp"),
     # the minimal rule of each hook (tests/_rules.py)
     "hook: loss term": _fixture(lambda: _rules.logit_penalty(0.1)),
     "hook: reference gradient": _fixture(lambda: _rules.ref_projection(8, (8, 8, 1))),

@@ -7,7 +7,8 @@ per family and register themselves on import:
 
 - ``baselines``: finetune, joint;
 - ``projection``: gpm;
-- ``hnet``: hnet.
+- ``hnet``: hnet;
+- ``replay``: er, agem, gem, der, derpp.
 
 Adding a method: write its entry in its family's module (``register(Method(...))``),
 give it a config file in ``experiments/configs/`` that sets its paper's values, and
@@ -16,7 +17,7 @@ its ``config()`` block to every config; ``experiments/run.py`` needs no edit.
 """
 
 # The built-in entries (one module per family) register themselves on import.
-from experiments.methods import baselines, hnet, projection
+from experiments.methods import baselines, hnet, projection, replay
 from experiments.methods._registry import (
     DATA_MODES,
     METHODS,
@@ -47,5 +48,6 @@ __all__ = [
     "parse",
     "projection",
     "register",
+    "replay",
     "swept",
 ]

@@ -1,0 +1,163 @@
+"""Each baseline's train step against fine-tuning's, measured in one run.
+
+The Permuted-MNIST MLP of GPM's setup (784-100-100-10, no biases, SGD 0.01) on two
+permuted-MNIST tasks (the real files from ../shared/data/mnist when present, else
+random data of the same shape). Every method is built by its registry entry
+(``experiments/methods``) from ``experiments/configs/pmnist_baselines.py``, trained
+for ``--warm-steps`` steps on task 0 and consolidated on task 0's evidence (so its
+penalty, buffer or memory is live), and then timed on task 1: an epoch of the
+trainer's own jitted train-steps program (``clx.train.make_train_steps_fn``,
+``--steps`` steps), median of ``--repeats``, after a compiling call. For each batch
+size it prints one line per method, e.g.
+
+    ewc: 1.12x fine-tuning at batch 10, 1.05x at batch 128
+
+then the fine-tuning step at each batch size against its FLOP floor (6 B sum(d m)
+FLOPs at the machine's float32 matmul throughput, measured in the same run) and
+against the per-step times of Avalanche 0.6's Naive strategy recorded in issue 10
+(784-256-256-10 with biases on 2 CPU cores: 2.07 ms at batch 10; these were not
+re-measured here, and the MLP differs, so the ratio is indicative only).
+
+    python benchmarks/baselines.py [--methods ewc,si,...] [--steps 1000] [--repeats 3] [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/ is not installed
+
+import clx  # noqa: E402
+from clx import data  # noqa: E402
+from clx.train import make_evidence_fn, make_train_steps_fn  # noqa: E402
+from experiments import methods  # noqa: E402
+from experiments.configs import pmnist_baselines  # noqa: E402
+from experiments.configs.base import SHARED_MNIST  # noqa: E402
+
+SIZES = [(784, 100), (100, 100), (100, 10)]
+AVALANCHE_NAIVE_MS = {10: 2.07}  # issue 10: Avalanche 0.6 Naive, 784-256-256-10, 2 CPU cores
+
+
+def stream(examples, data_dir):
+    if os.path.isdir(data_dir):
+        src = data.load_source("mnist", data_dir)
+        return data.make_stream(src, "permuted", 2, seed=0, train_subset=examples), "real MNIST"
+    rng = np.random.default_rng(0)
+    src = data.Source(
+        "random",
+        rng.normal(size=(examples, 28, 28, 1)).astype(np.float32),
+        rng.integers(0, 10, examples).astype(np.int32),
+        rng.normal(size=(1000, 28, 28, 1)).astype(np.float32),
+        rng.integers(0, 10, 1000).astype(np.int32),
+        10,
+    )
+    return data.make_stream(src, "permuted", 2, seed=0), f"random data (no MNIST files in {data_dir})"
+
+
+def square_matmul_gflops(n=1024, repeats=10):
+    a = jax.random.normal(jax.random.key(3), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, a))
+    best = min(_seconds(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _seconds(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def warm_state(method, config, s, batch, warm_steps):
+    """(model, params, rule, state) after ``warm_steps`` steps on task 0 and its consolidation."""
+    model, params = method.build_model(config, s, 0)
+    rule = method.make_rule(config, model)
+    state = rule.init(params)
+    t0 = s.task(0)
+    x, y = jnp.asarray(t0.x_train), jnp.asarray(t0.y_train)
+    ids = jnp.zeros(len(y), jnp.int32)
+    key = jax.random.key_data(jax.random.key(0))
+    steps = make_train_steps_fn(model, rule, batch)(min(warm_steps, -(-len(y) // batch)))
+    params, state, _ = steps(None, params, state, x, y, ids, key, np.int32(0), np.int32(0), np.int32(0))
+    n = method.evidence_samples(config)
+    xe, ye = x[:n], y[:n]
+    reps = make_evidence_fn(model)(params, xe, jnp.int32(0)) if "representations" in rule.needs else {}
+    moves, state = jax.jit(rule.consolidate)(state, params, clx.Evidence(jnp.int32(0), xe, ye, reps, model.apply))
+    if moves is not None:
+        params = jax.tree.map(jnp.add, params, moves)
+    return model, params, rule, state
+
+
+def time_method(name, config, s, batch, steps, repeats, warm_steps):
+    method = methods.get(name)
+    model, params, rule, state = warm_state(method, config, s, batch, warm_steps)
+    t1 = s.task(1)
+    n = min(len(t1.y_train), steps * batch)
+    x, y = jnp.asarray(t1.x_train[:n]), jnp.asarray(t1.y_train[:n])
+    ids = jnp.ones(n, jnp.int32)
+    nb = -(-n // batch)
+    program = make_train_steps_fn(model, rule, batch)(nb)
+    key = jax.random.key_data(jax.random.key(1))
+    carry = [params, state]
+
+    def epoch(e):
+        p, st, loss = program(None, carry[0], carry[1], x, y, ids, key, np.int32(1), np.int32(e), np.int32(0))
+        jax.block_until_ready(loss)
+        carry[:] = [p, st]
+
+    epoch(0)  # compiles
+    return statistics.median(_seconds(lambda: epoch(r + 1)) for r in range(repeats)) / nb
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="", help="comma-separated (default: every registered sequential method)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[10, 128])
+    ap.add_argument("--steps", type=int, default=1000, help="timed steps per epoch")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warm-steps", type=int, default=500)
+    ap.add_argument("--data-dir", default=SHARED_MNIST)
+    args = ap.parse_args()
+    names = methods.parse(args.methods) if args.methods else [n for n, m in methods.METHODS.items() if n != "hnet"]
+    names = [n for n in names if methods.get(n).data_mode == "sequential"]
+    if "finetune" not in names:
+        names.insert(0, "finetune")
+
+    s, what = stream(max(args.steps, args.warm_steps) * max(args.batches), args.data_dir)
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), {what}", flush=True)
+    square = square_matmul_gflops()
+    print(f"float32 matmul throughput: {square:.1f} GFLOP/s (1024x1024 @ 1024x1024)", flush=True)
+    times = {n: {} for n in names}
+    for batch in args.batches:
+        config = pmnist_baselines.get_config()
+        config.train.batch_size = batch
+        for name in names:
+            times[name][batch] = time_method(name, config, s, batch, args.steps, args.repeats, args.warm_steps)
+            print(f"  {name} at batch {batch}: {1e6 * times[name][batch]:.1f} us/step", flush=True)
+    print()
+    for name in names:
+        ratios = [f"{times[name][b] / times['finetune'][b]:.2f}x fine-tuning at batch {b}" for b in args.batches]
+        print(f"{name}: " + ", ".join(ratios), flush=True)
+    for b in args.batches:
+        floor = sum(6 * b * d * m for d, m in SIZES) / (square * 1e9)
+        line = (
+            f"fine-tuning at batch {b}: {1e6 * times['finetune'][b]:.1f} us/step = {times['finetune'][b] / floor:.1f}x"
+        )
+        line += " its FLOP floor"
+        if b in AVALANCHE_NAIVE_MS:
+            line += f"; Avalanche Naive (recorded) {AVALANCHE_NAIVE_MS[b]:.2f} ms/step"
+            for name in names:
+                line += f", {name} {AVALANCHE_NAIVE_MS[b] * 1e-3 / times[name][b]:.1f}x faster"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
