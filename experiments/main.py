@@ -10,8 +10,9 @@ and checks: its docstring), the methods are ``experiments.methods`` entries.
 Scale and survival (docs/scaling.md):
 
 - ``config.seeds`` (several) and ``config.sweep`` (a grid of one scalar
-  hyperparameter) run as *members* of one vmapped program; each member writes
-  its results into ``<out>/<member>/`` (``seed_3`` or ``gpm.threshold=0.97_seed_3``)
+  hyperparameter) run as *members* of one ``clx.fit_members`` run (vmapped on a
+  GPU, one after another on a CPU); each member writes its results into
+  ``<out>/<member>/`` (``seed_3`` or ``gpm.threshold=0.97_seed_3``)
   and ``<out>/members_summary.json`` holds the mean and std over members.
 - Checkpoints go to ``<out>/checkpoints`` (``config.checkpoint``); starting again
   with a workdir that holds one resumes it (a checkpoint of another config is an

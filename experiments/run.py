@@ -242,7 +242,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             flush=True,
         )
     print(
-        f"{name}: {len(members)} members in one vmapped program, wall {result.wall_seconds:.1f}s -> "
+        f"{name}: {len(members)} members in one run (fit_members), wall {result.wall_seconds:.1f}s -> "
         f"{os.path.join(out, 'members_summary.json')}",
         flush=True,
     )

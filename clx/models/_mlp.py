@@ -11,7 +11,12 @@ from flax import nnx
 # PyTorch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the init of the
 # authors' code for GPM and most continual-learning baselines.
 TORCH_LINEAR_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-_INITS = {"torch": TORCH_LINEAR_INIT, "lecun": nnx.initializers.lecun_normal()}
+# Glorot/Xavier uniform, U(-a, a) with a = sqrt(6 / (fan_in + fan_out)): Mammoth's backbones (``xavier``).
+_INITS = {
+    "torch": TORCH_LINEAR_INIT,
+    "lecun": nnx.initializers.lecun_normal(),
+    "xavier": nnx.initializers.xavier_uniform(),
+}
 
 
 class MultiHead(nnx.Module):
@@ -56,7 +61,8 @@ class MLP(nnx.Module):
       num_heads: 1 for a shared head (domain-IL, class-IL), the number of tasks
         for task-IL.
       use_bias: GPM's MLP has no biases.
-      init: 'torch' (PyTorch's Linear default, as in the papers' code) or 'lecun'.
+      init: 'torch' (PyTorch's Linear default, as in the papers' code), 'xavier'
+        (Glorot uniform, Mammoth's backbones) or 'lecun'. Biases start at zero.
 
     Raises:
       ValueError: an unknown init, non-positive sizes.

@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.hidden = (100, 100)
     c.model.use_bias = False
-    c.model.init = "torch"  # torch (PyTorch Linear default) | lecun
+    c.model.init = "torch"  # torch (PyTorch Linear default) | xavier (Glorot uniform, Mammoth) | lecun
 
     c.train = ml_collections.ConfigDict()
     c.train.optimizer = "sgd"

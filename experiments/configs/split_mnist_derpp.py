@@ -2,7 +2,8 @@
 "Dark Experience for General Continual Learning: a Strong, Simple Baseline").
 
 Mammoth's ``seq-mnist``: 5 tasks of 2 digits, class-IL (one 10-way head), inputs in
-[0, 1] (``ToTensor``, no normalisation), MLP 784-100-100-10 with biases, SGD, batch
+[0, 1] (``ToTensor``, no normalisation), MLP 784-100-100-10 with biases (Glorot-uniform
+kernels, zero biases: ``backbone/MNISTMLP.py``), SGD, batch
 10, one epoch per task; the buffer is reservoir-sampled over the whole stream. The
 learning rate, replay batch and loss weights are Mammoth's ``best_args['seq-mnist']``
 for the chosen method and buffer size (``experiments.methods.replay.MAMMOTH_SPLIT_MNIST``).
@@ -33,6 +34,7 @@ def get_config(variant: str = "derpp_200"):
     c.stream.num_tasks = 5
     c.model.hidden = (100, 100)
     c.model.use_bias = True
+    c.model.init = "xavier"  # Mammoth's MNISTMLP: xavier(), zero biases
     c.train.optimizer = "sgd"
     c.train.lr = best["lr"]
     c.train.epochs = 1
