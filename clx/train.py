@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 #: How fit_members batches its members: "vmap" (one vectorised program), "map"
 #: (``jax.lax.map``: the members one after another inside one program), "loop" (the
 #: one-member programs called once per member: on a CPU as fast as separate runs), or
-#: "auto" (map on CPU, where XLA:CPU runs batched products no faster than a loop;
-#: vmap on GPU/TPU, where they fill the device).
+#: "auto" (loop on a CPU without a mesh, where XLA:CPU runs batched products no faster
+#: than one after another; vmap on GPU/TPU, where they fill the device).
 MEMBER_AXES = ("auto", "vmap", "map", "loop")
 
 #: Train steps per iteration of the epoch's compiled loop (``lax.scan(..., unroll=)``). At batch 10 the loop's
@@ -219,6 +219,7 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
         shapes = model.tap_shapes(params, x[:batch_size], task_ids[:batch_size]) if taps else {}
         zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
 
+        task_id = jnp.asarray(task, jnp.int32)  # the task being trained (batches of a joint run mix tasks)
         wants_key = "key" in rule.needs
         key = jax.random.wrap_key_data(key_data)
 
@@ -237,7 +238,7 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
                 extra.update(layer_inputs=inputs, output_grads=deltas)
             if "batch" in rule.needs:
                 extra["batch"] = b.replace(logits=jax.lax.stop_gradient(logits))
-            updates, rule_state = rule.update(grads, rule_state, params, task_id=b.task_ids[0], **extra)
+            updates, rule_state = rule.update(grads, rule_state, params, task_id=task_id, **extra)
             return (optax.apply_updates(params, updates), rule_state), loss * jnp.sum(bw)
 
         steps = start + jnp.arange(idx.shape[0], dtype=jnp.int32)
@@ -609,7 +610,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
         hp = np.asarray(hparams, np.float32)
     else:
-        params = params_list[0]
+        params = jax.tree.map(jnp.copy, params_list[0])  # the train steps donate it; the caller's stays usable
         state = rule0.init(params)
         key_data = np.asarray(jax.random.key_data(jax.random.key(int(seeds[0]))))
         hp = np.zeros((), np.float32)
