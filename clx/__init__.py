@@ -36,6 +36,21 @@ from clx.hnet import (
 )
 from clx.models import MLP
 from clx.projection import GPMState, gpm
+from clx.regularization import (
+    EWCState,
+    L2State,
+    LwFState,
+    MASState,
+    OnlineEWCState,
+    SIState,
+    diagonal_fisher,
+    ewc,
+    l2,
+    lwf,
+    mas,
+    online_ewc,
+    si,
+)
 from clx.replay import AGEMState, DERState, ERState, GEMState, agem, der, derpp, er, gem
 from clx.subspace import Subspace
 from clx.train import CheckpointOptions, FitResult, fit, fit_members
@@ -65,6 +80,20 @@ __all__ = [
     "Subspace",
     "gpm",
     "subspace",
+    # regularization
+    "EWCState",
+    "L2State",
+    "LwFState",
+    "MASState",
+    "OnlineEWCState",
+    "SIState",
+    "diagonal_fisher",
+    "ewc",
+    "l2",
+    "lwf",
+    "mas",
+    "online_ewc",
+    "si",
     # replay
     "AGEMState",
     "DERState",

@@ -207,6 +207,17 @@ METHOD_RUNS = [
     ("finetune", {}),
     ("joint", {}),
     ("gpm", {}),
+    ("ewc", {"ewc.lam": 1.0}),
+    ("online_ewc", {"online_ewc.lam": 1.0}),
+    ("si", {"si.c": 1.0}),
+    ("mas", {}),
+    ("l2", {}),
+    ("lwf", {}),
+    ("er", {}),
+    ("agem", {"agem.memory_per_task": 64, "agem.reference_batch_size": 32}),
+    ("gem", {"gem.memory_per_task": 32}),
+    ("der", {}),
+    ("derpp", {}),
     (
         "hnet",
         {
@@ -268,7 +279,7 @@ def l2(lam):
         del evidence
         return None, L2State(jax.tree.map(jnp.copy, params), jnp.ones((), jnp.float32))
 
-    return clx.ContinualTransformation(init, update, consolidate, name="l2")
+    return clx.ContinualTransformation(init, update, consolidate, name="pull")
 
 
 def _l2_config():
@@ -279,7 +290,7 @@ def _l2_config():
 
 def _l2_rule(config, model, hp=None):
     del model
-    return clx.chain(l2(methods.swept(config, hp, "l2.lam", config.l2.lam)), methods.optimizer(config, hp))
+    return clx.chain(l2(methods.swept(config, hp, "pull.lam", config.pull.lam)), methods.optimizer(config, hp))
 
 
 def _l2_results(rule_state, member):
@@ -291,28 +302,28 @@ def _l2_results(rule_state, member):
 @pytest.fixture
 def l2_method():
     method = methods.register(
-        methods.Method("l2", _l2_rule, config=_l2_config, sweepable=("l2.lam", "train.lr"), results=_l2_results)
+        methods.Method("pull", _l2_rule, config=_l2_config, sweepable=("pull.lam", "train.lr"), results=_l2_results)
     )
     yield method
-    methods.METHODS.pop("l2", None)
+    methods.METHODS.pop("pull", None)
 
 
 def test_a_new_method_needs_no_edit_to_main_or_run(tmp_path, l2_method):
-    c = _cl_tiny.digits_config("l2")  # base_config adds the l2 block of the registered entry
-    assert c.l2.lam == 1.0
-    r = run(c, str(tmp_path / "one"))["l2"]
+    c = _cl_tiny.digits_config("pull")  # base_config adds the pull block of the registered entry
+    assert c.pull.lam == 1.0
+    r = run(c, str(tmp_path / "one"))["pull"]
     saved = _json(tmp_path / "one" / "results.json")
-    assert saved["method"] == "l2" and saved["l2_anchor_norm"] == r["l2_anchor_norm"] > 0
+    assert saved["method"] == "pull" and saved["l2_anchor_norm"] == r["l2_anchor_norm"] > 0
     assert r["acc"] > 0.2
     env = saved["environment"]
     for dist in ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "clx"):
         assert isinstance(env[dist], str) and env[dist][0].isdigit(), dist
     # its own hyperparameter sweeps as members of one program
-    c.sweep.key, c.sweep.grid = "l2.lam", (0.0, 10.0)
+    c.sweep.key, c.sweep.grid = "pull.lam", (0.0, 10.0)
     run(c, str(tmp_path / "sweep"))
     for v in ("0", "10"):
-        res = _json(tmp_path / "sweep" / f"l2.lam={v}_seed_0" / "results.json")
-        assert res["member"]["l2.lam"] == float(v) and res["l2_anchor_norm"] > 0
+        res = _json(tmp_path / "sweep" / f"pull.lam={v}_seed_0" / "results.json")
+        assert res["member"]["pull.lam"] == float(v) and res["l2_anchor_norm"] > 0
 
 
 def test_main_and_run_name_no_method():
@@ -338,29 +349,31 @@ def test_main_and_run_name_no_method():
 
 
 def test_registering_a_name_twice_is_an_error(l2_method):
-    with pytest.raises(ValueError, match="'l2' is already registered"):
-        methods.register(methods.Method("l2", _l2_rule))
+    with pytest.raises(ValueError, match="'pull' is already registered"):
+        methods.register(methods.Method("pull", _l2_rule))
     with pytest.raises(ValueError, match="lower-case Python identifier"):
         methods.Method("L-2", _l2_rule)
 
 
 def test_a_method_without_its_config_block_raises_before_writing(workdir_with_old_results, l2_method):
     workdir, sentinel = workdir_with_old_results
-    c = _cl_tiny.digits_config("gpm,l2")
-    del c["l2"]
-    with pytest.raises(ValueError, match=r"'l2' needs a config.l2 block.*`c.l2 = methods.get\('l2'\).config\(\)`"):
+    c = _cl_tiny.digits_config("gpm,pull")
+    del c["pull"]
+    with pytest.raises(
+        ValueError, match=r"'pull' needs a config.pull block.*`c.pull = methods.get\('pull'\).config\(\)`"
+    ):
         run(c, str(workdir))
     assert sentinel.read_text() == '{"old": true}'
     assert sorted(os.listdir(workdir)) == ["results.json"]
 
 
 def test_sweeping_a_key_the_method_does_not_list_raises_before_writing(tmp_path, l2_method):
-    c = _cl_tiny.digits_config("l2")
+    c = _cl_tiny.digits_config("pull")
     c.sweep.key, c.sweep.grid = "gpm.threshold", (0.9,)
-    with pytest.raises(ValueError, match=r"not supported for method 'l2' \(it sweeps \['l2.lam', 'train.lr'\]\)"):
+    with pytest.raises(ValueError, match=r"not supported for method 'pull' \(it sweeps \['pull.lam', 'train.lr'\]\)"):
         run(c, str(tmp_path))
-    c.sweep.key, c.sweep.grid = "l2.lam", (0.5,)
-    c.method = "l2,hnet"
+    c.sweep.key, c.sweep.grid = "pull.lam", (0.5,)
+    c.method = "pull,hnet"
     with pytest.raises(ValueError, match="not supported for method 'hnet' .it has no sweepable hyperparameter"):
         run(c, str(tmp_path))
     assert os.listdir(tmp_path) == []
@@ -375,7 +388,8 @@ def test_a_bad_swept_value_raises_before_writing(tmp_path):
 
 
 def test_unknown_method_lists_the_known_ones():
-    known = r"known methods: \['finetune', 'gpm', 'hnet', 'joint'\]"
+    known = re.escape(f"known methods: {sorted(methods.METHODS)}")
+    assert "'gpm'" in known and "'ewc'" in known
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['nosuch'\]; " + known):
         methods.parse("gpm,nosuch")
     with pytest.raises(ValueError, match="unknown method 'nosuch'; " + known):

@@ -8,6 +8,7 @@ per family and register themselves on import:
 - ``baselines``: finetune, joint;
 - ``projection``: gpm;
 - ``hnet``: hnet;
+- ``regularization``: ewc, online_ewc, si, mas, l2, lwf;
 - ``replay``: er, agem, gem, der, derpp.
 
 Adding a method: write its entry in its family's module (``register(Method(...))``),
@@ -17,7 +18,7 @@ its ``config()`` block to every config; ``experiments/run.py`` needs no edit.
 """
 
 # The built-in entries (one module per family) register themselves on import.
-from experiments.methods import baselines, hnet, projection, replay
+from experiments.methods import baselines, hnet, projection, regularization, replay
 from experiments.methods._registry import (
     DATA_MODES,
     METHODS,
@@ -48,6 +49,7 @@ __all__ = [
     "parse",
     "projection",
     "register",
+    "regularization",
     "replay",
     "swept",
 ]
