@@ -76,6 +76,11 @@ def _config(module: str, variant: str | None, method: str, seeds: tuple[int, ...
 
 def _summary(out: str) -> dict | None:
     path = os.path.join(out, "members_summary.json")
+    single = os.path.join(out, "results.json")
+    if not os.path.exists(path) and os.path.exists(single):  # one seed: no members summary
+        with open(single) as f:
+            r = json.load(f)
+        return {"acc": 100 * r["acc"], "std": 0.0, "n": 1, "wall": r["wall_seconds"]}
     if not os.path.exists(path):
         return None
     with open(path) as f:

@@ -1,0 +1,45 @@
+"""experiments.tables: every row of every published table builds a config the script accepts, and bad names
+are refused before anything runs."""
+
+import json
+import os
+
+import pytest
+
+from experiments import methods, tables
+from experiments.configs.base import SHARED_MNIST
+
+
+@pytest.mark.parametrize("table", sorted(tables.TABLES))
+def test_every_row_builds_a_checked_config_of_its_method(table):
+    for row, (module, variant, method, published, source) in tables.TABLES[table].items():
+        c = tables._config(module, variant, method, (0, 1, 2))
+        assert c.method == method and tuple(c.seeds) == (0, 1, 2), row
+        methods.check_config(methods.get(method), c)
+        assert published is None or 0 < published <= 100, row
+        assert published is None or source, row
+
+
+def test_split_mnist_vdv_rows_use_each_scenarios_stream_and_strengths():
+    c = tables._config("split_mnist_vdv", "domain_il", "ewc", (0,))
+    assert c.stream.kind == "split_domain_il" and c.ewc.lam == 1e10 and c.si.c == 5e4
+    c = tables._config("split_mnist_vdv", "class_il", "si", (0,))
+    assert c.stream.kind == "split_class_il" and c.ewc.lam == 1e9 and c.si.c == 5e3
+
+
+def test_unknown_table_or_row_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="unknown table 'nosuch'; choose one of"):
+        tables.build("nosuch", str(tmp_path), (0,))
+    with pytest.raises(ValueError, match=r"has no rows \['er_7'\]"):
+        tables.build("split_mnist_derpp", str(tmp_path), (0,), ["er_7"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="build checks the row's data: needs ../shared/data/mnist")
+def test_a_row_already_run_is_read_not_rerun(tmp_path):
+    out = tmp_path / "split_mnist_derpp" / "er_200"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"acc": 0.8, "wall_seconds": 12.0}))
+    text = tables.build("split_mnist_derpp", str(tmp_path), (0,), ["er_200"])
+    assert "| er_200 | 80.43 | 80.00 ± 0.00 (n=1) | -0.43 | 12 |" in text
+    assert (tmp_path / "split_mnist_derpp" / "TABLE.md").read_text() == text
