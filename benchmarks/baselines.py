@@ -35,39 +35,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/ is not installed
 
+from projection_overhead import plain_flops, square_matmul_gflops  # noqa: E402 -- benchmarks/ is sys.path[0]
+from seed_sweep import stream  # noqa: E402
+
 import clx  # noqa: E402
-from clx import data  # noqa: E402
 from clx.train import make_evidence_fn, make_train_steps_fn  # noqa: E402
 from experiments import methods  # noqa: E402
 from experiments.configs import pmnist_baselines  # noqa: E402
 from experiments.configs.base import SHARED_MNIST  # noqa: E402
 
-SIZES = [(784, 100), (100, 100), (100, 10)]
 AVALANCHE_NAIVE_MS = {10: 2.07}  # issue 10: Avalanche 0.6 Naive, 784-256-256-10, 2 CPU cores
-
-
-def stream(examples, data_dir):
-    if os.path.isdir(data_dir):
-        src = data.load_source("mnist", data_dir)
-        return data.make_stream(src, "permuted", 2, seed=0, train_subset=examples), "real MNIST"
-    rng = np.random.default_rng(0)
-    src = data.Source(
-        "random",
-        rng.normal(size=(examples, 28, 28, 1)).astype(np.float32),
-        rng.integers(0, 10, examples).astype(np.int32),
-        rng.normal(size=(1000, 28, 28, 1)).astype(np.float32),
-        rng.integers(0, 10, 1000).astype(np.int32),
-        10,
-    )
-    return data.make_stream(src, "permuted", 2, seed=0), f"random data (no MNIST files in {data_dir})"
-
-
-def square_matmul_gflops(n=1024, repeats=10):
-    a = jax.random.normal(jax.random.key(3), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    jax.block_until_ready(f(a, a))
-    best = min(_seconds(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
 
 
 def _seconds(f):
@@ -147,7 +124,7 @@ def main():
         ratios = [f"{times[name][b] / times['finetune'][b]:.2f}x fine-tuning at batch {b}" for b in args.batches]
         print(f"{name}: " + ", ".join(ratios), flush=True)
     for b in args.batches:
-        floor = sum(6 * b * d * m for d, m in SIZES) / (square * 1e9)
+        floor = plain_flops(b) / (square * 1e9)
         line = (
             f"fine-tuning at batch {b}: {1e6 * times['finetune'][b]:.1f} us/step = {times['finetune'][b] / floor:.1f}x"
         )
