@@ -5,7 +5,15 @@ the same initial params. One method writes ``results.json``,
 ``accuracy_matrix.csv`` and ``accuracy_matrix.png`` into the workdir; several
 write them into ``<workdir>/<method>/`` plus ``summary.json`` / ``summary.txt``.
 Everything that can be wrong with the config or the data is checked before
-anything in the workdir is written (``prepare``).
+anything in the workdir is written (``prepare``); then, before any training, the
+workdir is created and a probe file written into it and deleted (``check_workdir``),
+so that a workdir that is a file or read-only fails at once, not after the run.
+
+Checkpoints (``config.checkpoint``, on by default) go to ``<out>/checkpoints``; a
+rerun into the same workdir resumes from them unless the config (but
+``_NOT_FINGERPRINTED``), the clx source, the experiment code that builds the rules
+(``experiments/run.py``, ``experiments/methods/``) or the library versions differ:
+then it is refused with the differences listed (``clx.checkpoint``).
 
 This module knows no method: everything about one (its rule, config block,
 sweepable keys, results entries, data mode) is its entry in ``experiments.methods``.
@@ -18,11 +26,13 @@ import importlib.metadata
 import json
 import os
 import platform
+import tempfile
 
 import jax
 import numpy as np
 
 import clx
+from clx import checkpoint as ckpt_lib
 from clx import data, sharding
 from clx.train import CheckpointOptions, fit, fit_members
 from experiments import methods, report
@@ -125,6 +135,7 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
     ``on_save(checkpoint_number, position)`` is passed to ``fit`` (tests use it).
     """
     plan = prepare(config)
+    check_workdir(workdir)
     several = len(plan.methods) > 1
     rows = {}
     for method in plan.methods:
@@ -133,6 +144,52 @@ def run(config, workdir: str, *, on_save=None) -> dict[str, dict]:
     if several and jax.process_index() == 0:
         print(report.write_summary(workdir, rows))
     return rows
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates ``workdir`` (with parents) if missing, then writes and deletes a probe file in it.
+
+    ``run`` calls it after ``prepare`` and before any training, so that results are
+    never lost to a workdir that cannot hold them (with checkpoints off nothing else
+    writes there before the run ends). Every process probes with its own file.
+
+    Raises:
+      NotADirectoryError: the workdir, or a directory above it, is a file.
+      PermissionError: the workdir cannot be created or written (read-only, not its owner's).
+      OSError: it cannot be created or written for another reason (a full disk, ...).
+      Each message names the path and the fix.
+    """
+    path = os.path.abspath(workdir)
+    fix = "pass another --workdir (a missing directory is created)"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"the workdir {path} is a file, not a directory; {fix}, or move the file away.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".clx-write-probe-", dir=path)
+        try:
+            os.write(fd, b"clx")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except (NotADirectoryError, FileExistsError) as e:
+        above = os.path.dirname(path)
+        while above != os.path.dirname(above) and not os.path.lexists(above):
+            above = os.path.dirname(above)
+        raise NotADirectoryError(f"the workdir {path} cannot be created: {above} is a file; {fix}.") from e
+    except PermissionError as e:
+        raise PermissionError(
+            f"the workdir {path} is not writable ({e.strerror}: {e.filename or path}); {fix}, "
+            "or make it writable for this user (e.g. chmod u+w)."
+        ) from e
+    except OSError as e:
+        raise OSError(f"cannot write into the workdir {path} ({e}); {fix}.") from e
+
+
+def _experiment_code() -> dict:
+    """The experiment code that decides what a run computes, for the checkpoint fingerprint (clx adds its own)."""
+    return {
+        "experiments_sha256": ckpt_lib.source_sha256(os.path.dirname(os.path.abspath(__file__)), "run.py", "methods")
+    }
 
 
 def _run_method(method, plan, config, out, on_save) -> dict:
@@ -144,7 +201,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             os.path.join(out, "checkpoints"),
             every_steps=int(config.checkpoint.every_steps),
             max_to_keep=int(config.checkpoint.max_to_keep),
-            info={"method": name, "config": _fingerprint_config(config, plan.methods)},
+            info={"method": name, "config": _fingerprint_config(config, plan.methods), "code": _experiment_code()},
         )
     common = dict(
         epochs=config.train.epochs,
