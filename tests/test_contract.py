@@ -38,6 +38,7 @@ def _registered(name):
         if "hnet" in config:
             config.hnet.chunk_dim = 500
             config.hnet.hidden = (8,)
+            config.hnet.task_id_at_test = True  # digits_config's stream is permuted (domain-IL)
         stream = _stream()
         method = methods.get(name)
         model, _ = method.build_model(config, stream, 0)

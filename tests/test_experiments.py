@@ -181,6 +181,16 @@ def test_pmnist_hnet_has_the_authors_settings():
     assert c.train.epochs * -(-60000 // c.train.batch_size) >= 5000  # at least the authors' 5,000 iterations
 
 
+def test_hnet_in_domain_il_needs_task_ids_at_test(workdir_with_old_results):
+    """A method that needs task labels (hnet) in a scenario without them (permuted: domain-IL) is refused first."""
+    tmp_path, sentinel = workdir_with_old_results
+    c = _cl_tiny.digits_config("gpm,hnet")
+    c.hnet = methods.get("hnet").config()
+    with pytest.raises(ValueError, match="needs each test example's task id.*hnet.task_id_at_test=True"):
+        run(c, str(tmp_path))
+    assert json.loads(sentinel.read_text()) == {"old": True}
+
+
 def test_hnet_through_the_script(tmp_path):
     """The hnet rule is built from the model its build_model returns (Method.make_rule), single and members."""
     c = _tiny()
@@ -188,6 +198,7 @@ def test_hnet_through_the_script(tmp_path):
     c.hnet = methods.get("hnet").config()
     c.hnet.chunk_dim = 2000
     c.hnet.hidden = (16,)
+    c.hnet.task_id_at_test = True
     c.train.optimizer, c.train.lr = "adam", 1e-3
     c.train.epochs = 3
     c.model.hidden = (32,)
@@ -223,6 +234,7 @@ METHOD_RUNS = [
         {
             "hnet.chunk_dim": 2000,
             "hnet.hidden": (16,),
+            "hnet.task_id_at_test": True,
             "model.hidden": (32,),
             "train.optimizer": "adam",
             "train.lr": 1e-3,
@@ -396,3 +408,45 @@ def test_unknown_method_lists_the_known_ones():
         methods.get("nosuch")
     with pytest.raises(ValueError, match=known):
         run(_cl_tiny.digits_config("nosuch"), "/nonexistent/never/written")
+
+
+@pytest.mark.parametrize("scenario", ["task_il", "domain_il", "class_il"])
+def test_split_cifar100_builds_its_stream_from_tfds_mock_data(tmp_path, scenario):
+    """configs/split_cifar100.py through the TFDS path (mock data: random images, 100 classes): 10 tasks of 10
+    classes, one head per task in task-IL, one 10-way head in domain-IL, 100 outputs in class-IL."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from experiments.configs import split_cifar100
+    from experiments.run import prepare
+
+    c = split_cifar100.get_config(scenario)
+    assert c.data.source == "cifar100" and c.stream.num_tasks == 10 and c.train.batch_size == 256
+    c.data.dir = str(tmp_path / "tfds")
+    with tfds.testing.mock_data(num_examples=500):
+        plan = prepare(c)
+    s = plan.stream
+    assert (s.num_heads, s.num_outputs) == {"task_il": (10, 10), "domain_il": (1, 10), "class_il": (1, 100)}[scenario]
+    assert s.input_shape == (32, 32, 3)
+    assert [set(s.task_classes(t)) for t in range(10)] == [set(range(10 * t, 10 * t + 10)) for t in range(10)]
+
+
+def test_split_cifar100_trains_on_tfds_mock_data(tmp_path):
+    """A shrunk class-IL split_cifar100 run (fine-tuning and ER) trains to an accuracy matrix with every evaluated
+    entry (the seen tasks and the next one) finite and in [0, 1], the rest NaN."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from experiments.configs import split_cifar100
+
+    c = split_cifar100.get_config("class_il")
+    c.method = "finetune,er"
+    c.data.dir = str(tmp_path / "tfds")
+    c.model.hidden = (16,)
+    c.train.epochs, c.train.batch_size, c.train.eval_batch_size = 1, 64, 500
+    c.er.buffer_size = 100
+    c.progress = False
+    with tfds.testing.mock_data(num_examples=1000):
+        results = run(c, str(tmp_path / "out"))
+    assert sorted(results) == ["er", "finetune"]
+    evaluated = np.tri(10, 10, 1, dtype=bool)  # after task i: tasks 0..i+1
+    for name, r in results.items():
+        A = np.asarray(r["accuracy_matrix"])
+        assert A.shape == (10, 10) and np.isnan(A[~evaluated]).all(), name
+        assert np.isfinite(A[evaluated]).all() and (0 <= A[evaluated]).all() and (A[evaluated] <= 1).all(), name

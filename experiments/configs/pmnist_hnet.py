@@ -58,4 +58,5 @@ def get_config():
     h.lookahead = True
     h.per_task_heads = True
     h.layout = "torch"
+    h.task_id_at_test = True  # the paper's PMNIST-10 is "CL1": the task id is given at test time (task-IL)
     return c

@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 import clx
+from clx import data
 from experiments.methods._registry import Method, optimizer, register
 
 
@@ -82,16 +83,30 @@ def hnet_config() -> ml_collections.ConfigDict:
     h.temperature = 1.0  # soft_temp of HNET+ENT
     h.per_task_heads = True  # target has num_tasks * head_size outputs (the authors' layout)
     h.layout = "torch"  # order of the generated vector: 'torch' (the authors' code: W (out, in), then b) | 'flax'
+    # The hypernetwork generates the weights from the test example's task embedding, so it needs the task id at
+    # test time. A domain-IL stream (permuted, rotated, split_domain_il) gives none in van de Ven & Tolias's
+    # scenarios; True evaluates it as task-IL (von Oswald et al.'s PMNIST "CL1"). Class-IL infers the task.
+    h.task_id_at_test = False
     return h
 
 
 def check(config) -> None:
-    """Raises ValueError for a bad ``hnet.beta`` or ``hnet.layout`` (``hnet.type`` is checked by ``build_model``)."""
+    """Raises ValueError for a bad ``hnet.beta`` or ``hnet.layout`` (``hnet.type`` is checked by ``build_model``),
+    or a domain-IL stream without ``hnet.task_id_at_test`` (the method needs task labels the scenario does not give).
+    """
     h = config.hnet
     if not h.beta >= 0:
         raise ValueError(f"hnet.beta must be >= 0, got {h.beta}.")
     if h.layout not in clx.TargetNetwork.LAYOUTS:
         raise ValueError(f"hnet.layout must be one of {clx.TargetNetwork.LAYOUTS}, got {h.layout!r}.")
+    scenario = data.KINDS.get(config.stream.kind)
+    if scenario == "domain_il" and not h.task_id_at_test:
+        raise ValueError(
+            f"method 'hnet' needs each test example's task id, and stream.kind={config.stream.kind!r} is domain-IL, "
+            "which gives none at test time. Set hnet.task_id_at_test=True to evaluate with task ids (task-IL, "
+            "von Oswald et al.'s PMNIST 'CL1'), or use a class-IL stream (split_class_il), where the task is "
+            "inferred from the predictive entropy."
+        )
 
 
 def hnet_rule(config, model, hp=None):
