@@ -254,12 +254,18 @@ def _identity_consolidate(state, params, evidence):
     return None, state
 
 
-def as_continual(tx: optax.GradientTransformation | ContinualTransformation) -> ContinualTransformation:
+def as_continual(
+    tx: optax.GradientTransformation | ContinualTransformation, *, who: str = "clx.chain"
+) -> ContinualTransformation:
     """Wraps a plain optax transform as a ContinualTransformation.
 
     The result accepts (and ignores) extra keyword arguments in ``update``,
     consolidates as the identity (no move, same state), has no loss term and
     needs nothing. A ContinualTransformation is returned unchanged.
+
+    Args:
+      tx: an optax or clx transformation.
+      who: the caller's name, for the error message (``"clx.chain"``, ``"fit"``).
 
     Raises:
       TypeError: if ``tx`` has no ``init``/``update`` functions.
@@ -268,11 +274,32 @@ def as_continual(tx: optax.GradientTransformation | ContinualTransformation) -> 
         return tx
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise TypeError(
-            f"clx.chain takes optax GradientTransformations or clx ContinualTransformations, "
+            f"{who} takes optax GradientTransformations or clx ContinualTransformations, "
             f"got {type(tx).__name__}; build one with e.g. optax.sgd(0.01) or clx.gpm(...)."
         )
     tx = optax.with_extra_args_support(tx)
     return ContinualTransformation(tx.init, tx.update, _identity_consolidate, name="optax")
+
+
+def check_like_params(rule: ContinualTransformation, updates, params) -> None:
+    """Raises if a rule's ``update`` returned updates not shaped like the params (a trace-time check).
+
+    Raises:
+      ValueError: a different pytree structure, or a leaf whose shape differs
+        from its parameter's; names the rule, the parameter path and both shapes.
+    """
+    got, want = jax.tree.structure(updates), jax.tree.structure(params)
+    if got != want:
+        raise ValueError(
+            f"rule {rule.name or '<unnamed rule>'!r} returned updates with pytree structure {got}, "
+            f"but the params have {want}; its update must return one leaf per parameter."
+        )
+    for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)):
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"rule {rule.name or '<unnamed rule>'!r} returned an update of shape {jnp.shape(u)} for parameter "
+                f"{jax.tree_util.keystr(path)} of shape {jnp.shape(p)}; was its state built by init on other params?"
+            )
 
 
 def _add_moves(a, b):

@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from clx.core import Batch, ContinualTransformation, Evidence, check_needs
+from clx.core import Batch, ContinualTransformation, Evidence, as_continual, check_like_params, check_needs
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,10 @@ class CheckpointOptions:
     info: dict = dataclasses.field(default_factory=dict)
     async_save: bool = True
 
+    def __post_init__(self):
+        _check_count("checkpoint.every_steps", self.every_steps, 0)
+        _check_count("checkpoint.max_to_keep", self.max_to_keep, 2)
+
 
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
@@ -151,22 +155,24 @@ class FitOptions:
     scan_unroll: int = SCAN_UNROLL
 
     def __post_init__(self):
-        if int(self.epochs) < 1 or int(self.batch_size) < 1:
-            raise ValueError(
-                f"epochs and batch_size must be >= 1, got epochs={self.epochs}, batch_size={self.batch_size}."
-            )
-        if int(self.evidence_samples) < 1:
-            raise ValueError(f"evidence_samples must be >= 1, got {self.evidence_samples}.")
+        for name in ("epochs", "batch_size", "evidence_samples", "eval_batch_size"):
+            _check_count(name, getattr(self, name))
         if isinstance(self.checkpoint, str):
             object.__setattr__(self, "checkpoint", CheckpointOptions(self.checkpoint))
-        if self.checkpoint is not None and int(self.checkpoint.every_steps) < 0:
-            raise ValueError(
-                f"checkpoint.every_steps must be >= 0 (0: task ends only), got {self.checkpoint.every_steps}."
-            )
         if self.member_axis not in MEMBER_AXES:
             raise ValueError(f"member_axis must be one of {MEMBER_AXES}, got {self.member_axis!r}.")
-        if int(self.scan_unroll) < 1:
-            raise ValueError(f"scan_unroll must be >= 1, got {self.scan_unroll}.")
+        _check_count("scan_unroll", self.scan_unroll)
+
+
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int, or ValueError naming ``name`` when it is not an integer >= ``minimum``."""
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and value >= minimum
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
 
 
 # --- the pure programs -----------------------------------------------------------------------------------------------
@@ -216,7 +222,8 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
         if num_steps != nb:
             idx = jax.lax.dynamic_slice_in_dim(idx, start, num_steps)
             w = jax.lax.dynamic_slice_in_dim(w, start, num_steps)
-        shapes = model.tap_shapes(params, x[:batch_size], task_ids[:batch_size]) if taps else {}
+        # a full (padded) batch's shapes, also when batch_size > n (one padded batch per epoch)
+        shapes = model.tap_shapes(params, x[idx[0]], task_ids[idx[0]]) if taps else {}
         zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
 
         task_id = jnp.asarray(task, jnp.int32)  # the task being trained (batches of a joint run mix tasks)
@@ -239,6 +246,7 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
             if "batch" in rule.needs:
                 extra["batch"] = b.replace(logits=jax.lax.stop_gradient(logits))
             updates, rule_state = rule.update(grads, rule_state, params, task_id=task_id, **extra)
+            check_like_params(rule, updates, params)  # at trace time only
             return (optax.apply_updates(params, updates), rule_state), loss * jnp.sum(bw)
 
         steps = start + jnp.arange(idx.shape[0], dtype=jnp.int32)
@@ -365,7 +373,49 @@ def _programs(
     return _Programs(train_steps, evidence, consolidate, accuracy)
 
 
+def _check_representations(reps: dict, t: int) -> None:
+    """Refuses NaN/inf representations before ``consolidate`` (GPM's subspaces would silently get rank 0):
+    one small device-to-host transfer per task."""
+    if not reps:
+        return
+    finite = jax.device_get({k: jnp.isfinite(v).all() for k, v in reps.items()})
+    bad = sorted(k for k, ok in finite.items() if not ok)
+    if bad:
+        raise FloatingPointError(
+            f"the representations of task {t}'s evidence sample hold NaN or inf in layers {bad}; the params "
+            "diverged (lower train.lr) or the model overflows on these inputs."
+        )
+
+
+def _check_task_ids(model, params, sample_x, num_tasks: int) -> None:
+    """Raises if the model refuses the stream's largest task id (``num_tasks - 1``, a concrete constant, so the
+    model's own check runs while ``eval_shape`` traces it: no compute). Every task id the trainer hands the
+    model inside its jitted programs comes from the stream, in ``0..num_tasks - 1``."""
+    last = np.full((1,), num_tasks - 1, np.int32)
+    try:
+        jax.eval_shape(lambda p, x: model.apply(p, x, last), params, sample_x)
+    except ValueError as e:
+        raise ValueError(
+            f"the stream has {num_tasks} tasks (ids 0..{num_tasks - 1}) but the model refuses task id "
+            f"{num_tasks - 1}: {e}"
+        ) from e
+
+
 # --- the data of a run -----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(name: str, x) -> None:
+    """Refuses NaN/inf inputs (on the host, once per array): they would train to a NaN loss or, in a test set,
+    silently give a meaningless accuracy, and in the evidence a rank-0 subspace."""
+    x = np.asarray(x)
+    if not x.size:
+        raise ValueError(f"{name}: the set is empty; every task needs training and test examples.")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+        raise ValueError(
+            f"{name}: {bad.size} of {len(x)} inputs hold NaN or inf (first at index {bad[0]}); clean the data "
+            "(clx.data sources are finite)."
+        )
 
 
 def _check_labels(name: str, y: np.ndarray, num_outputs: int) -> None:
@@ -391,6 +441,18 @@ class _TaskData:
         self.seconds = 0.0
         self._tests: dict[int, tuple] = {}
         self._task: tuple[int, Any] | None = None
+        self._checked: set[int] = set()
+
+    def check_ahead(self) -> None:
+        """Checks, before any training, what can be checked cheaply: the stream's source inputs (if it has a
+        ``source``) and every task's test set (if it has ``test_set``; the sets are cached for evaluation)."""
+        src = getattr(self.stream, "source", None)
+        for split in ("x_train", "x_test"):
+            if isinstance(getattr(src, split, None), np.ndarray):
+                self._timed(_check_inputs, f"the stream's source {split}", getattr(src, split))
+        if hasattr(self.stream, "test_set"):
+            for t in range(self.stream.num_tasks):
+                self.test(t)
 
     def _timed(self, fn, *args):
         s = time.perf_counter()
@@ -401,8 +463,11 @@ class _TaskData:
     def _load(self, t):
         if self._task is None or self._task[0] != t:
             task = self.stream.task(t)
-            _check_labels(f"task {t} train", task.y_train, self.stream.num_outputs)
-            _check_labels(f"task {t} test", task.y_test, self.stream.num_outputs)
+            if t not in self._checked:  # cumulative runs reload tasks 0..t: check each once
+                _check_inputs(f"task {t} train", task.x_train)
+                _check_labels(f"task {t} train", task.y_train, self.stream.num_outputs)
+                _check_labels(f"task {t} test", task.y_test, self.stream.num_outputs)
+                self._checked.add(t)
             self._task = (t, task)
         return self._task[1]
 
@@ -427,6 +492,7 @@ class _TaskData:
                 else:
                     task = self._load(t)
                     x, y = task.x_test, task.y_test
+                _check_inputs(f"task {t} test", x)
                 _check_labels(f"task {t} test", y, self.stream.num_outputs)
                 return self.place(x), self.place(y)
 
@@ -477,7 +543,8 @@ def fit(
       model: a ``clx.core.Model`` (``clx.FunctionalModel``, ``clx.HyperModel``, ...);
         ``params`` its params pytree. Rules that declare ``"taps"`` or
         ``"representations"`` need a ``clx.core.TappedModel``.
-      rule: any ContinualTransformation (or ``clx.chain`` of them with optax).
+      rule: any ContinualTransformation (or ``clx.chain`` of them with optax), or a
+        plain optax transform (trained as ``clx.chain(rule)``).
       stream: a ``clx.data.TaskStream`` (``task(t)``, ``num_tasks``, ``num_outputs``,
         ``input_shape``; ``test_set(t)`` if it has one).
       epochs, batch_size: per task.
@@ -503,17 +570,27 @@ def fit(
       A FitResult.
 
     Raises:
-      ValueError: bad epochs/batch size, labels outside the model's outputs, a
-        batch size not divisible by the mesh's data axis, a rule whose needs the
-        model cannot meet (names the rule).
+      ValueError: epochs, batch_size, evidence_samples or eval_batch_size not an
+        integer >= 1; labels outside the model's outputs; NaN/inf or empty
+        inputs (names the task and split; the source and every test set are
+        checked before training, a custom stream's training sets when their
+        task starts); a model that refuses the stream's task ids (a multi-head
+        model with fewer heads than tasks); a batch size not divisible by the
+        mesh's data axis; a rule whose needs the model cannot meet (names the
+        rule); at the first step's trace, a rule whose updates are not shaped
+        like the params (names the parameter and both shapes).
+      TypeError: ``rule`` is neither an optax nor a clx transformation (a plain
+        optax transform is wrapped with ``clx.as_continual``).
       clx.checkpoint.CheckpointMismatchError: the checkpoint directory holds a
         checkpoint of a different run (says what differs).
-      FloatingPointError: the training loss became NaN or infinite (lower the
-        learning rate); raised before anything is written.
+      FloatingPointError: the training loss, or the representations of a
+        task's evidence sample, became NaN or infinite (lower the learning
+        rate); raised before anything is written.
     """
     opts = FitOptions(
         epochs, batch_size, evidence_samples, cumulative, eval_batch_size, progress, desc, mesh, checkpoint, on_save
     )
+    rule = as_continual(rule, who="fit")
     return _fit(model, [params], lambda hp: rule, None, stream, [seed], opts)
 
 
@@ -560,7 +637,9 @@ def fit_members(
       rule_state stacked.
 
     Raises:
-      ValueError: as ``fit``; M = 0, or params / hparams / seeds of different lengths.
+      ValueError: as ``fit``; M = 0, params / hparams / seeds of different
+        lengths, non-finite hparams, an unknown member_axis, scan_unroll < 1.
+      TypeError: as ``fit``, for what ``rule_fn`` returns.
     """
     if not len(params) or len(params) != len(seeds) or len(np.atleast_1d(hparams)) != len(seeds):
         raise ValueError(
@@ -568,7 +647,12 @@ def fit_members(
             f"got {len(params)} params, {len(np.atleast_1d(hparams))} hparams, {len(seeds)} seeds."
         )
     opts = FitOptions(member_axis=member_axis, **options)
-    return _fit(model, list(params), rule_fn, np.asarray(hparams, np.float32).reshape(-1), stream, list(seeds), opts)
+    if not np.all(np.isfinite(np.asarray(hparams, np.float64))):
+        raise ValueError(f"fit_members: hparams must be finite, got {np.asarray(hparams, np.float64).tolist()}.")
+    hparams = np.asarray(hparams, np.float32).reshape(-1)
+    user_fn = rule_fn
+    rule_fn = lambda hp: as_continual(user_fn(hp), who="fit_members' rule_fn")  # noqa: E731
+    return _fit(model, list(params), rule_fn, hparams, stream, list(seeds), opts)
 
 
 def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) -> FitResult:
@@ -589,6 +673,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
     lead = (M,) if members else ()
     sample_x = jax.ShapeDtypeStruct((1, *stream.input_shape), jnp.float32)
     out_dim = jax.eval_shape(model.apply, params_list[0], sample_x, jnp.zeros((1,), jnp.int32)).shape[-1]
+    _check_task_ids(model, params_list[0], sample_x, T)
     if out_dim != stream.num_outputs:
         raise ValueError(f"the model has {out_dim} outputs per head but the stream needs {stream.num_outputs}.")
     rule0 = rule_fn(None if members is None else float(hparams[0]))
@@ -631,6 +716,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
     key_data, hp = place(key_data), place(hp)
     programs = _programs(model, rule_fn, rule0.needs, opts, members, shardings)
     data = _TaskData(stream, place, place_evidence, opts.cumulative)
+    data.check_ahead()
 
     acc = np.full((*lead, T, T), np.nan)
     losses = np.full((*lead, T, opts.epochs), np.nan)
@@ -758,6 +844,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             # evidence -> consolidate
             xe, ye = data.evidence_sample(t, seeds, opts.evidence_samples, bool(members))
             reps = programs.evidence(params, xe, np.int32(t))
+            _check_representations(reps, t)
             params, state = programs.consolidate(hp, state, params, np.int32(t), xe, ye, reps)
 
             # evaluate tasks 0..t+1 (R[t, t+1] and b_{t+1} give forward transfer)
@@ -804,11 +891,20 @@ def make_train_steps_fn(model, rule, batch_size: int, *, member_axis: str | None
       ``permutation(shuffle_key(key, task, epoch), n)`` from batch ``start``; params and rule state donated.
       With ``member_axis``, ``hp`` (M,), ``params``, ``rule_state`` and ``key_data`` (M, 2) carry a leading
       member axis; without, ``hp`` is ignored.
+
+    Raises:
+      ValueError: an unknown ``member_axis``; ``batch_size`` not an integer >= 1.
+      TypeError: ``rule`` (or what ``rule(hp)`` returns) is not an optax or clx transformation.
     """
     if member_axis not in (None, "vmap", "map", "loop"):
         raise ValueError(f"member_axis must be None, 'vmap', 'map' or 'loop', got {member_axis!r}.")
-    rule_fn = rule if member_axis else (lambda hp: rule)
-    needs = (rule_fn(0.0) if member_axis else rule).needs
+    _check_count("batch_size", batch_size)
+    if member_axis:
+        rule_fn = lambda hp: as_continual(rule(hp), who="make_train_steps_fn's rule")  # noqa: E731
+    else:
+        rule = as_continual(rule, who="make_train_steps_fn")
+        rule_fn = lambda hp: rule  # noqa: E731
+    needs = rule_fn(0.0).needs
     return _programs(model, rule_fn, needs, FitOptions(1, batch_size), member_axis, None).train_steps
 
 
@@ -823,7 +919,13 @@ def make_epoch_fn(model, rule: ContinualTransformation, batch_size: int):
     The params and rule state passed in are donated.
 
     Shapes: x (n, ...) float32, y (n,) int32, task_ids (n,) int32.
+
+    Raises:
+      ValueError: ``batch_size`` is not an integer >= 1.
+      TypeError: ``rule`` is not an optax or clx transformation.
     """
+    _check_count("batch_size", batch_size)
+    rule = as_continual(rule, who="make_epoch_fn")
     body = _train_steps_fn(model, lambda hp: rule, batch_size)
 
     def epoch(params, rule_state, x, y, task_ids, key):
@@ -853,7 +955,11 @@ def make_eval_fn(model, eval_batch_size: int = 1000):
     has a ``predict(params, x, task_id, num_trained) -> (batch,) int`` method
     (e.g. a hypernetwork that infers the task for class-IL from the tasks
     trained so far), which is then used instead.
+
+    Raises:
+      ValueError: ``eval_batch_size`` is not an integer >= 1.
     """
+    _check_count("eval_batch_size", eval_batch_size)
     return jax.jit(_eval_body(model, eval_batch_size))
 
 

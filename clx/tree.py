@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 _NOT_CONCRETE = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError)
 
@@ -44,3 +46,23 @@ def concrete_int(value: Any) -> int | None:
     """The first entry of a concrete int scalar or array as an int, None when traced."""
     v = concrete(value)
     return None if v is None else int(v.reshape(-1)[0])
+
+
+def check_task_ids(task_ids, num_tasks: int, what: str = "tasks") -> None:
+    """A ``checkify`` check that every (traced) task id is in ``[0, num_tasks)``.
+
+    Under ``checkify.checkify`` (inside jit too) an out-of-range id is reported as
+    ``unknown task id {id}: the model has {num_tasks} {what} ...``; without
+    checkify the check is dropped (``checkify.debug_check``), so plain jitted calls pay nothing. Concrete
+    ids are checked eagerly by the models themselves (ValueError).
+    """
+    ids = jnp.asarray(task_ids, jnp.int32).reshape(-1)
+    if not ids.size:
+        return
+    valid = (ids >= 0) & (ids < num_tasks)
+    first_bad = ids[jnp.argmin(valid)]
+    checkify.debug_check(
+        jnp.all(valid),
+        f"unknown task id {{bad}}: the model has {num_tasks} {what} (tasks 0..{num_tasks - 1})",
+        bad=first_bad,
+    )

@@ -244,10 +244,9 @@ def test_nan_loss_raises_floating_point_error_naming_the_task():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(epochs=0), "epochs and batch_size must be >= 1"),
-        (dict(batch_size=0), "epochs and batch_size must be >= 1"),
-        (dict(evidence_samples=0), "evidence_samples must be >= 1"),
-        (dict(checkpoint=clx.CheckpointOptions("/nonexistent", every_steps=-1)), "every_steps must be >= 0"),
+        (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(evidence_samples=0), "evidence_samples must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_fit_options_raise_value_error(kw, match):

@@ -12,7 +12,7 @@ import numpy as np
 
 from clx.hnet._hypernetworks import Hypernetwork, _check_sizes
 from clx.hnet._target import TargetNetwork
-from clx.tree import concrete, concrete_int
+from clx.tree import check_task_ids, concrete, concrete_int
 
 _MASKED_LOGIT = -1e9  # logits of other tasks' classes in class-IL: exp underflows to exactly 0
 
@@ -164,7 +164,8 @@ class HyperModel:
     # -- generation -----------------------------------------------------------------
     def _embedding(self, params, task_id):
         t = _scalar_task(task_id)
-        # an out-of-range id under jit gives NaN weights (and the trainer stops on a NaN loss)
+        check_task_ids(t, self.num_tasks, "task embeddings")  # reported under checkify, inside jit too
+        # an out-of-range id under jit without checkify gives NaN weights (fit checks the stream's ids first)
         return params["task_emb"].at[t].get(mode="fill", fill_value=jnp.nan)
 
     def _check_task(self, task_id):
@@ -209,6 +210,8 @@ class HyperModel:
 
         Raises:
           ValueError: ``task_id`` is None or a concrete id outside [0, num_tasks).
+            A traced id out of range is reported under ``checkify.checkify``
+            (inside jit too); without checkify it gives NaN logits.
         """
         if task_id is None:
             raise ValueError("a hypernetwork model needs task_id to pick the task embedding.")

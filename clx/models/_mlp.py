@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from clx.tree import check_task_ids, concrete
 
 # PyTorch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the init of the
 # authors' code for GPM and most continual-learning baselines.
@@ -26,6 +29,12 @@ class MultiHead(nnx.Module):
     per example, shape (batch,)) to x (batch, d) and returns (batch, k) logits.
     Heads are not ``nnx.Linear`` layers, so projection rules leave them alone
     (each task trains only its own head).
+
+    Raises:
+      ValueError: ``task_id`` is None, or a concrete id outside [0, num_heads).
+        A traced id out of range is reported under ``checkify.checkify`` (inside
+        jit too: ``unknown task id {id}: the model has {num_heads} heads``);
+        without checkify its logits are NaN, never another task's head.
     """
 
     def __init__(self, d: int, k: int, num_heads: int, use_bias: bool, kernel_init, *, rngs: nnx.Rngs):
@@ -36,11 +45,21 @@ class MultiHead(nnx.Module):
     def __call__(self, x, task_id):
         if task_id is None:
             raise ValueError("a multi-head model needs task_id (task-incremental evaluation).")
+        num_heads = self.kernel.shape[0]
+        ids = concrete(task_id)
+        if ids is not None and ids.size and not ((ids >= 0) & (ids < num_heads)).all():
+            bad = int(ids.reshape(-1)[np.flatnonzero((ids.reshape(-1) < 0) | (ids.reshape(-1) >= num_heads))[0]])
+            raise ValueError(
+                f"unknown task id {bad}: the model has {num_heads} heads (tasks 0..{num_heads - 1}); "
+                "build the MLP with num_heads = the stream's number of tasks."
+            )
         task_id = jnp.broadcast_to(jnp.asarray(task_id, jnp.int32), x.shape[:1])
-        w = self.kernel[...][task_id]  # (batch, d, k)
+        check_task_ids(task_id, num_heads, "heads")
+        # out of range under jit without checkify: NaN logits (never another task's head)
+        w = self.kernel[...].at[task_id].get(mode="fill", fill_value=jnp.nan)  # (batch, d, k)
         y = jnp.einsum("bd,bdk->bk", x, w)
         if self.bias is not None:
-            y = y + self.bias[...][task_id]
+            y = y + self.bias[...].at[task_id].get(mode="fill", fill_value=jnp.nan)
         return y
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from clx import subspace as sub
 from clx.tree import concrete, path_str
@@ -115,3 +116,36 @@ def project_kernel(g: jax.Array, q: jax.Array, x: jax.Array | None = None, delta
             xq = sub.matmul(x.astype(g.dtype), q)
             return jnp.einsum("nd,nm->dm", xq, delta.astype(g.dtype), precision=sub.HIGHEST).astype(g.dtype)
     return sub.matmul(q, g)
+
+
+def check_kernel_shape(who: str, path, g, d: int, x=None) -> None:
+    """Raises (at trace time) if a kernel gradient ``g`` at ``path`` is not (d, m) for the state's subspace of R^d,
+    or the layer's tapped inputs ``x`` are not (N, d).
+
+    Raises:
+      ValueError: names the rule, the parameter path (``jax.tree_util.keystr``) and both shapes.
+    """
+    if jnp.ndim(g) != 2 or g.shape[0] != d:
+        raise ValueError(
+            f"{who}: the gradient of {jax.tree_util.keystr(tuple(path))} has shape {jnp.shape(g)} but the rule's "
+            f"state for it is a subspace of R^{d} (projector ({d}, {d})), so it needs shape ({d}, m); was the "
+            "state built by init on other params?"
+        )
+    if x is not None and (jnp.ndim(x) != 2 or x.shape[1] != d):
+        raise ValueError(
+            f"{who}: the layer inputs of {jax.tree_util.keystr(tuple(path))} have shape {jnp.shape(x)} but the "
+            f"rule's state for it needs (N, {d})."
+        )
+
+
+def check_finite(who: str, what: str, a) -> None:
+    """Raises ValueError if a concrete array holds NaN/inf; under tracing, a ``checkify`` check (reported
+    under ``checkify.checkify``, dropped otherwise: the trainer checks the evidence itself)."""
+    if isinstance(a, jax.core.Tracer):
+        checkify.debug_check(jnp.all(jnp.isfinite(a)), f"{who}: {what} holds NaN or inf")
+        return
+    if not bool(jnp.all(jnp.isfinite(a))):
+        raise ValueError(
+            f"{who}: {what} holds NaN or inf ({int(jnp.sum(~jnp.isfinite(a)))} entries); its subspace would "
+            "silently get rank 0. Check the inputs and the params."
+        )

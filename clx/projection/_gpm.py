@@ -33,7 +33,14 @@ import jax.numpy as jnp
 
 from clx import subspace as sub
 from clx.core import ContinualTransformation, Evidence
-from clx.projection._common import check_per_layer, kernel_paths, per_layer, project_kernel
+from clx.projection._common import (
+    check_finite,
+    check_kernel_shape,
+    check_per_layer,
+    kernel_paths,
+    per_layer,
+    project_kernel,
+)
 from clx.tree import path_str
 
 
@@ -77,7 +84,10 @@ def gpm(
       ValueError: a threshold outside (0, 1], a threshold list of the wrong
         length, ``num_samples < 1``, an unknown layer path, a non-2-D kernel; at
         consolidate, missing representations or fewer than ``num_samples``
-        columns.
+        columns; at consolidate, a representation of the wrong shape or (when
+        concrete) holding NaN/inf; at trace time of ``update``, a gradient
+        whose shape does not match the state's subspace (names the layer and
+        both shapes) or a state built on other params.
     """
     threshold = check_per_layer(threshold, sub.check_threshold)
     if int(num_samples) < 1:
@@ -101,13 +111,26 @@ def gpm(
         del params, extra
         layer_inputs, output_grads = layer_inputs or {}, output_grads or {}
 
+        seen = set()
+
         def project(path, g):
             key = path_str(path)
             if key not in state.projectors:
                 return g
-            return project_kernel(g, state.projectors[key], layer_inputs.get(key), output_grads.get(key))
+            seen.add(key)
+            q = state.projectors[key]
+            check_kernel_shape("gpm", path, g, q.shape[0], layer_inputs.get(key))
+            return project_kernel(g, q, layer_inputs.get(key), output_grads.get(key))
 
-        return jax.tree_util.tree_map_with_path(project, updates), state
+        out = jax.tree_util.tree_map_with_path(project, updates)
+        missing = sorted(set(state.projectors) - seen)
+        if missing:
+            raise ValueError(
+                f"gpm: the state projects layers {missing} that the gradient does not have (it has "
+                f"{sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0])}); build "
+                "the state with init on these params."
+            )
+        return out, state
 
     def consolidate(state, params, evidence: Evidence):
         paths = [p for p, _ in projected(params)]  # the threshold order; state dicts come back key-sorted
@@ -120,6 +143,13 @@ def gpm(
         subspaces, projectors = {}, {}
         for p, th in zip(paths, thresholds(paths, evidence.task_id)):
             rep = evidence.representations[p]
+            d = state.subspaces[p].basis.shape[0]
+            if rep.ndim != 2 or rep.shape[0] != d:
+                raise ValueError(
+                    f"gpm: representation of {p!r} has shape {rep.shape} but the layer's subspace lives in R^{d}; "
+                    "it must be (d, n) = (kernel rows, examples)."
+                )
+            check_finite("gpm", f"representation of {p!r}", rep)
             if rep.shape[1] < num_samples:
                 raise ValueError(
                     f"gpm: representation of {p!r} has {rep.shape[1]} examples but num_samples={num_samples}; "
