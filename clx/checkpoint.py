@@ -331,7 +331,7 @@ class Checkpointer:
           CheckpointMismatchError: the checkpoint's fingerprint (config, shapes,
             code, library versions) differs from this run's; the message lists
             every difference and how to start over.
-          RuntimeError: checkpoints exist but none is intact.
+          CheckpointCorruptError: checkpoints exist but none is intact (a ValueError).
         """
         ocp = self._ocp
         steps = sorted(self._mngr.all_steps(), reverse=True)
@@ -378,7 +378,7 @@ class Checkpointer:
                 )
             self._next = max(steps) + 1
             return tree, meta
-        raise RuntimeError(
+        raise CheckpointCorruptError(
             f"none of the checkpoints {sorted(steps)} in {self.directory} can be used "
             f"(newest error: {type(errors[0][1]).__name__}: {str(errors[0][1]).splitlines()[0][:300]}); "
             "delete that directory to start the run over."

@@ -4,6 +4,11 @@ r"""Runs a continual-learning experiment from a config file.
     python -m experiments.main --config experiments/configs/pmnist_gpm.py --workdir runs/pmnist \
         --config.method=gpm --config.seed=3
 
+A user error (a bad config value, missing or corrupt data, a workdir that cannot
+be written, a checkpoint of another run) prints ``error: <problem>`` and its fix in
+one or two lines and exits with status 1 (``--traceback``: the traceback instead);
+any other exception keeps its traceback.
+
 This file is intentionally kept short: the run is ``experiments.run.run`` (results
 and checks: its docstring), the methods are ``experiments.methods`` entries.
 
@@ -35,6 +40,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiment config (get_config()).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, the accuracy matrix CSV and PNG.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of a bad config, data or checkpoint error too.")
+
+# What the user can fix: a config value, the data, the workdir (OSError: missing, a file, read-only, full), a
+# checkpoint of another run or a damaged one (clx.checkpoint's errors are ValueErrors), a module TFDS needs.
+# Printed as `error: <message>`, exit status 1; any other exception keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -58,8 +69,25 @@ def main(argv):
     logging.set_verbosity(logging.INFO if not config.progress else logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietOrbax())
     t0 = time.time()
-    run(config, _WORKDIR.value)
+    try:
+        run(config, _WORKDIR.value)
+    except USER_ERRORS as e:
+        if _TRACEBACK.value:
+            raise
+        print(user_error(e), file=sys.stderr)
+        sys.exit(1)
     print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)
+
+
+def user_error(e: BaseException) -> str:
+    """``error: <message>`` in at most two lines: the problem (a long list of details joined), then the fix."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    if len(lines) > 2:
+        details = lines[1:-1]
+        more = f" (+{len(details) - 3} more)" if len(details) > 3 else ""
+        lines = [f"{lines[0]} {'; '.join(details[:3])}{more}", lines[-1]]
+    lines[-1] += " (rerun with --traceback for the traceback)"
+    return "error: " + "\n  ".join(lines)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import clx
 from clx import checkpoint as ckpt_lib
 from clx import data, sharding
 from clx.train import CheckpointOptions, fit, fit_members
-from experiments import methods, report
+from experiments import checks, methods, report
 
 # Config keys that do not change what a run computes, left out of the checkpoint fingerprint.
 _NOT_FINGERPRINTED = ("progress", "checkpoint", "mesh", "distributed", "data.dir")
@@ -59,11 +59,13 @@ def prepare(config) -> Plan:
     """Validates the config, loads the data and builds every method's rule once per sweep value; writes nothing.
 
     Raises:
-      ValueError / FileNotFoundError: an unknown method, stream kind or dataset name;
+      ValueError / FileNotFoundError: a numeric value out of its range
+        (``experiments.checks``, first); an unknown method, stream kind or dataset name;
         a method's missing config block or bad value (e.g. a GPM threshold, also a
         swept one); a key a method cannot sweep; missing or corrupt data; labels
         out of range; a batch size the mesh does not divide.
     """
+    checks.check_config(config)
     chosen = [methods.get(name) for name in methods.parse(config.method)]
     if config.stream.kind not in data.KINDS:
         raise ValueError(f"unknown stream.kind {config.stream.kind!r}; choose one of {sorted(data.KINDS)}.")

@@ -288,7 +288,10 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
         data = bytearray(open(path, "rb").read())
         data[len(data) // 2] ^= 0x04
         open(path, "wb").write(bytes(data))
-    with pytest.raises(RuntimeError, match=r"none of the checkpoints \[0, 1\] .* can be used.*checksum mismatch in w"):
+    with pytest.raises(
+        checkpoint.CheckpointCorruptError,
+        match=r"none of the checkpoints \[0, 1\] .* can be used.*checksum mismatch in w",
+    ):
         Checkpointer(str(tmp_path), {"run": 1}).restore({"w": np.zeros_like(w)})
 
 

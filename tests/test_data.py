@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import re
 import struct
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from clx import data
-from clx.data import Source, load_source, make_stream
+from clx.data import Source, _sources, load_source, make_stream
 
 MNIST_DIR = os.environ.get("CLX_MNIST_DIR", "/work/shared/data/mnist")
 if not os.path.isdir(MNIST_DIR):  # the repo's shared data, relative to a checkout
@@ -362,6 +363,115 @@ def test_tfds_not_prepared(tmp_path):
         r"Built-in names are 'digits', 'mnist'; a TFDS dataset must be prepared under data_dir",
     ):
         load_source("cifar10", data_dir=tmp_path, download=False)
+
+
+_TINY = {"train": ("train", 40), "test": ("t10k", 20)}  # split -> (IDX file prefix, examples kept)
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist_builder():
+    """A TFDS builder (registered as ``clx_test_tiny_mnist``) that prepares the first MNIST images of each split
+    from the IDX files in its manual directory: TFDS's own preparation path, offline and without TensorFlow
+    (``tfds.features.Tensor``, not ``Image``, whose PNG encoding needs TensorFlow)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    if not all(os.path.isfile(os.path.join(MNIST_DIR, n)) for pair in data.MNIST_FILES.values() for n in pair):
+        pytest.skip(f"MNIST files not found in {MNIST_DIR}")
+
+    class ClxTestTinyMnist(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "The four MNIST IDX .gz files."
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(dl_manager.manual_dir, *_TINY[split]) for split in _TINY}
+
+        def _generate_examples(self, manual_dir, prefix, n):
+            with gzip.open(manual_dir / f"{prefix}-images-idx3-ubyte.gz") as f:
+                x = np.frombuffer(f.read(), np.uint8, offset=16)[: n * 784].reshape(n, 28, 28, 1)
+            with gzip.open(manual_dir / f"{prefix}-labels-idx1-ubyte.gz") as f:
+                y = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+            for i in range(n):
+                yield i, {"image": x[i], "label": int(y[i])}
+
+    return ClxTestTinyMnist
+
+
+def _manual_dir(tmp_path):
+    """A TFDS data_dir whose default manual directory (``downloads/manual``) holds the MNIST IDX files."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    for pair in data.MNIST_FILES.values():
+        for n in pair:
+            os.symlink(os.path.join(os.path.abspath(MNIST_DIR), n), manual / n)
+    return tmp_path
+
+
+def test_tfds_prepares_from_local_files_offline(tiny_mnist_builder, tmp_path):
+    """load_source prepares a TFDS dataset from manual files (no network) and reads it back: in a fresh
+    install this needs importlib_resources, which tensorflow-datasets imports but does not declare."""
+    ref = load_source("mnist", data_dir=MNIST_DIR, scale="unit")
+    src = load_source("clx_test_tiny_mnist", data_dir=_manual_dir(tmp_path))
+    assert (tmp_path / "clx_test_tiny_mnist" / "1.0.0").is_dir()
+    assert src.num_classes == 10 and src.x_train.shape == (40, 28, 28, 1) and src.x_test.shape == (20, 28, 28, 1)
+    for split, (_, n) in _TINY.items():  # TFDS shuffles the records: compare as sets of (image, label)
+        got = sorted((x.tobytes(), int(y)) for x, y in zip(getattr(src, f"x_{split}"), getattr(src, f"y_{split}")))
+        want = sorted(
+            (x.tobytes(), int(y)) for x, y in zip(getattr(ref, f"x_{split}")[:n], getattr(ref, f"y_{split}")[:n])
+        )
+        assert got == want
+    again = load_source("clx_test_tiny_mnist", data_dir=tmp_path, download=False)  # prepared: no manual files needed
+    np.testing.assert_array_equal(again.x_train, src.x_train)
+
+
+def _prepare_tfds_mnist(data_dir):
+    """TFDS's own MNIST builder, prepared through clx from the IDX files in ``data_dir``'s manual directory."""
+    from tensorflow_datasets.core import dataset_builder
+
+    # Where TFDS uses importlib_resources, cached per process (lru_cache): recomputed in each test.
+    caches = [dataset_builder.DatasetBuilder.__dict__[k].fget.__func__ for k in ("code_path", "url_infos")]
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        return _sources._load_tfds("mnist", _manual_dir(data_dir), True)
+    finally:
+        for cache in caches:
+            cache.cache_clear()
+
+
+def test_tfds_mnist_preparation_error_names_the_missing_module(tmp_path):
+    """TFDS's MNIST builder needs TensorFlow to extract the files: the error names the module and the
+    pip install, not "prepare the dataset" (and it gets that far: importlib_resources is installed)."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("importlib_resources")  # a clx dependency
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: TFDS would prepare all of MNIST")
+    with pytest.raises(ModuleNotFoundError, match=r"TFDS needs the Python module 'tensorflow'") as info:
+        _prepare_tfds_mnist(tmp_path)
+    assert "`pip install tensorflow`" in str(info.value) and "prepared under data_dir" not in str(info.value)
+
+
+def test_tfds_missing_importlib_resources_names_it(tmp_path, monkeypatch):
+    """Without importlib_resources (tensorflow-datasets imports it when it prepares data but declares it only
+    for Python < 3.9) the error names it and the pip install."""
+    pytest.importorskip("tensorflow_datasets")
+    from tensorflow_datasets.core import dataset_builder
+
+    class Missing:
+        def __getattr__(self, attr):
+            raise ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
+
+    monkeypatch.setattr(dataset_builder, "importlib_resources", Missing())
+    with pytest.raises(ModuleNotFoundError) as info:
+        _prepare_tfds_mnist(tmp_path)
+    msg = str(info.value)
+    assert "TFDS needs the Python module 'importlib_resources'" in msg and "`pip install importlib_resources`" in msg
+    assert info.value.name == "importlib_resources" and "prepared under data_dir" not in msg
 
 
 class _FakeDataSource:

@@ -13,7 +13,8 @@ A :class:`Source` holds ``x_*`` float32 ``(N, H, W, C)`` already normalised and
 
 Every optional image border (``pad``) is filled with the training set's minimum,
 i.e. the background. Errors are ``ValueError`` (``FileNotFoundError`` for missing
-MNIST files) whose message names the problem and the fix.
+MNIST files, ``ModuleNotFoundError`` for a module TFDS needs to prepare a dataset)
+whose message names the problem and the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import struct
 import zlib
 from typing import Any
@@ -179,6 +181,8 @@ def load_source(
         disagree, SHA256 mismatch against a ``SHA256SUMS`` beside the files); an
         unknown dataset name; a TFDS dataset TFDS cannot find or prepare.
       FileNotFoundError: MNIST files missing (the message lists them).
+      ModuleNotFoundError: TFDS needs a module to prepare the dataset that is not
+        installed (the message names it and the ``pip install``).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(
@@ -384,6 +388,9 @@ def _load_tfds(name: str, data_dir, download: bool) -> Source:
             split=["train", "test"],
             data_dir=None if data_dir is None else os.fspath(data_dir),
             download=download,
+            # tfds.data_source picks array_record (random access) only without a data_dir; with one it would
+            # prepare TFRecords, which need TensorFlow to write and which it cannot read back.
+            builder_kwargs={"file_format": "array_record"},
         )
     except not_found as e:
         raise ValueError(
@@ -392,6 +399,14 @@ def _load_tfds(name: str, data_dir, download: bool) -> Source:
             "tfds.list_builders())."
         ) from e
     except Exception as e:  # TFDS raises many types when data is absent
+        missing = _missing_module(e)
+        if missing:  # TFDS imports some modules only when it prepares data: not a data problem
+            raise ModuleNotFoundError(
+                f"load_source({name!r}): TFDS needs the Python module {missing!r} to prepare the dataset, and it "
+                f"is not installed ({type(e).__name__}: {_first_line(e)}); install it with `pip install "
+                f"{_PIP_NAMES.get(missing, missing)}` and run again.",
+                name=missing,
+            ) from e
         raise ValueError(
             f"load_source({name!r}): TFDS could not find or prepare the dataset in "
             f"data_dir={data_dir!r} ({type(e).__name__}: {_first_line(e)}). Built-in "
@@ -420,6 +435,24 @@ def _load_tfds(name: str, data_dir, download: bool) -> Source:
         y_test=y_test,
         num_classes=int(num_classes),
     )
+
+
+#: Distribution names of modules TFDS may import lazily, where they differ from the module's.
+_PIP_NAMES = {"apache_beam": "apache-beam", "PIL": "pillow", "cv2": "opencv-python"}
+
+
+def _missing_module(e: BaseException) -> str | None:
+    """The top-level module whose import failed somewhere in ``e``'s chain (causes, contexts, messages), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ImportError) and getattr(e, "name", None):
+            return e.name.split(".")[0]
+        found = re.search(r"No module named '([\w.]+)'", str(e))
+        if found:
+            return found.group(1).split(".")[0]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,153 @@
+"""Range checks of every numeric value of an experiment config, before anything runs or is written.
+
+:data:`RULES` maps each numeric key (``section.name``) to its range and what the
+value means; a tuple value (``model.hidden``, ``gpm.threshold``, ``seeds``) is checked
+entry by entry, and every ``sweep.grid`` value against the rule of ``sweep.key``.
+``experiments.run.prepare`` calls :func:`check_config` first; the methods' own
+``check`` hooks then test what one value cannot say alone (e.g. a threshold per layer).
+``tests/test_script.py`` fails for a numeric key of any config or method block that
+has no rule here, so a new value cannot skip the check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """``lo <= x <= hi`` (``<`` where open), finite, an int if ``integer``; ``also`` lists extra allowed values."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    also: tuple = ()
+
+    def ok(self, x) -> bool:
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            return False
+        if self.integer and not isinstance(x, numbers.Integral):
+            return False
+        if x in self.also:
+            return True
+        if not math.isfinite(x):
+            return False
+        if self.lo is not None and not (x > self.lo if self.lo_open else x >= self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = "a finite number"
+        if self.integer:
+            text = "an integer" + ("" if text == "a finite number" else f" {text}")
+        return text + "".join(f" or {a}" for a in self.also)
+
+
+POSITIVE = Range(0, lo_open=True)
+NONNEGATIVE = Range(0)
+COUNT = Range(1, integer=True)  # sizes and counts
+OPTIONAL_COUNT = Range(0, integer=True)  # 0 = a default (the whole task, the training batch's size, off)
+FRACTION = Range(0, 1, lo_open=True)  # (0, 1]
+
+#: key -> (range, what the value is: shown in the message). Tuple values are checked entry by entry.
+RULES: dict[str, tuple[Range, str]] = {
+    "seed": (OPTIONAL_COUNT, "the run's seed"),
+    "seeds": (OPTIONAL_COUNT, "each member's seed"),
+    "checkpoint.every_steps": (OPTIONAL_COUNT, "optimizer steps between saves inside a task; 0 = at task ends"),
+    "checkpoint.max_to_keep": (COUNT, "checkpoints kept"),
+    "mesh.shape": (Range(1, integer=True, also=(-1,)), "devices per mesh axis; -1 = the rest"),
+    "distributed.num_processes": (OPTIONAL_COUNT, "processes; 0 = auto-detect"),
+    "distributed.process_id": (Range(-1, integer=True), "this process's id; -1 = auto-detect"),
+    "data.pad": (OPTIONAL_COUNT, "background pixels added on each side"),
+    "stream.num_tasks": (COUNT, "tasks in the stream"),
+    "stream.train_subset": (OPTIONAL_COUNT, "training examples kept per task; 0 = all"),
+    "stream.max_angle": (Range(-360, 360), "the last rotated task's angle in degrees"),
+    "model.hidden": (COUNT, "units per hidden layer"),
+    "train.lr": (POSITIVE, "the learning rate"),
+    "train.momentum": (Range(0, 1, hi_open=True), "SGD momentum; 0 = none"),
+    "train.epochs": (COUNT, "epochs per task"),
+    "train.batch_size": (COUNT, "examples per training step"),
+    "train.eval_batch_size": (COUNT, "examples per evaluation step"),
+    # methods (experiments/methods/)
+    "gpm.threshold": (FRACTION, "the share of each layer's activation energy its basis keeps"),
+    "gpm.num_samples": (COUNT, "examples per task in the representation matrices"),
+    "hnet.emb_dim": (COUNT, "the task embedding size"),
+    "hnet.chunk_dim": (COUNT, "weights per chunk"),
+    "hnet.chunk_emb_dim": (COUNT, "the chunk embedding size"),
+    "hnet.hidden": (COUNT, "units per hypernetwork hidden layer"),
+    "hnet.rnn_hidden": (COUNT, "the recurrent hypernetwork's hidden state size"),
+    "hnet.beta": (NONNEGATIVE, "the output regularizer's strength"),
+    "hnet.num_sampled": (OPTIONAL_COUNT, "old tasks regularized per step; 0 = all"),
+    "hnet.emb_std": (POSITIVE, "the task embeddings' initial std"),
+    "hnet.chunk_emb_std": (POSITIVE, "the chunk embeddings' initial std"),
+    "hnet.temperature": (POSITIVE, "the softmax temperature of HNET+ENT"),
+    "ewc.lam": (NONNEGATIVE, "the penalty's strength"),
+    "ewc.num_samples": (OPTIONAL_COUNT, "Fisher examples per task; 0 = the whole task"),
+    "ewc.chunk_size": (OPTIONAL_COUNT, "per-example gradients at a time; 0 = automatic"),
+    "online_ewc.lam": (NONNEGATIVE, "the penalty's strength"),
+    "online_ewc.gamma": (FRACTION, "the decay of older Fishers"),
+    "online_ewc.num_samples": (OPTIONAL_COUNT, "Fisher examples per task; 0 = the whole task"),
+    "online_ewc.chunk_size": (OPTIONAL_COUNT, "per-example gradients at a time; 0 = automatic"),
+    "si.c": (NONNEGATIVE, "the penalty's strength"),
+    "si.xi": (POSITIVE, "the damping of the importance's denominator"),
+    "mas.lam": (NONNEGATIVE, "the penalty's strength"),
+    "mas.num_samples": (OPTIONAL_COUNT, "importance examples per task; 0 = the whole task"),
+    "mas.chunk_size": (OPTIONAL_COUNT, "per-example gradients at a time; 0 = automatic"),
+    "l2.lam": (NONNEGATIVE, "the penalty's strength"),
+    "lwf.alpha": (NONNEGATIVE, "the distillation loss's weight"),
+    "lwf.temperature": (POSITIVE, "the distillation temperature"),
+    "er.buffer_size": (COUNT, "examples in the replay buffer"),
+    "er.replay_batch_size": (OPTIONAL_COUNT, "replayed examples per step; 0 = the training batch's size"),
+    "der.buffer_size": (COUNT, "examples in the replay buffer"),
+    "der.alpha": (NONNEGATIVE, "the logit MSE's weight"),
+    "der.replay_batch_size": (OPTIONAL_COUNT, "replayed examples per step; 0 = the training batch's size"),
+    "derpp.buffer_size": (COUNT, "examples in the replay buffer"),
+    "derpp.alpha": (NONNEGATIVE, "the logit MSE's weight"),
+    "derpp.beta": (NONNEGATIVE, "the replayed cross-entropy's weight"),
+    "derpp.replay_batch_size": (OPTIONAL_COUNT, "replayed examples per step; 0 = the training batch's size"),
+    "agem.memory_per_task": (COUNT, "examples kept per task"),
+    "agem.reference_batch_size": (COUNT, "examples in the reference gradient's batch"),
+    "agem.num_tasks": (OPTIONAL_COUNT, "tasks the memory holds; 0 = stream.num_tasks"),
+    "gem.memory_per_task": (COUNT, "examples kept per task"),
+    "gem.memory_strength": (NONNEGATIVE, "the margin of the dual's constraint"),
+    "gem.num_tasks": (OPTIONAL_COUNT, "tasks the memory holds; 0 = stream.num_tasks"),
+}
+
+#: Numeric keys checked otherwise: every ``sweep.grid`` value against the rule of ``sweep.key``.
+SPECIAL = ("sweep.grid",)
+
+
+def check_config(config) -> None:
+    """Raises ValueError naming the first value outside its range (:data:`RULES`); keys the config lacks are skipped.
+
+    The message reads ``config.train.eval_batch_size must be an integer >= 1, got 0 (examples per evaluation
+    step).``; a tuple's message names the bad entry.
+    """
+    for key, (rule, what) in RULES.items():
+        section, _, name = key.rpartition(".")
+        block = config.get(section) if section else config
+        if block is None or name not in block:
+            continue
+        _check(f"config.{key}", block[name], rule, what)
+    key = str(config.get("sweep", {}).get("key", ""))
+    if key in RULES:
+        rule, what = RULES[key]
+        _check(f"config.sweep.grid sets {key}: {key}", tuple(config.sweep.grid), rule, what, fix="fix the grid")
+
+
+def _check(name: str, value, rule: Range, what: str, fix: str = "") -> None:
+    entries = list(value) if isinstance(value, (tuple, list)) else [value]
+    for i, x in enumerate(entries):
+        if rule.ok(x):
+            continue
+        where = f" at entry {i} of {tuple(value)}" if isinstance(value, (tuple, list)) else ""
+        raise ValueError(f"{name} must be {rule}, got {x!r}{where} ({what})" + (f"; {fix}." if fix else "."))
