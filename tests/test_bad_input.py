@@ -37,6 +37,27 @@ def _fit(stream=None, rule=None, **kw):
     return fit(model, params, optax.sgd(0.1) if rule is None else rule, stream or _stream(), **kw)
 
 
+# --- item 4: the caller's params -------------------------------------------------------------------------------------
+
+
+def test_two_rules_train_from_the_same_initial_params():
+    """fit donates only the trainer's own copies: the caller's params stay intact for a second rule, which trains
+    exactly as it does from a fresh copy (this failed with "Array has been deleted")."""
+    model, params = _model()
+    before = jax.tree.map(np.array, params)
+    stream = _stream()
+    kw = {"epochs": 2, "batch_size": 10, "evidence_samples": 8, "progress": False}
+    fit(model, params, clx.chain(clx.ewc(lam=10.0), optax.sgd(0.1)), stream, **kw)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
+    jax.tree.map(np.testing.assert_array_equal, params, before)  # unchanged, bit for bit
+    second = fit(model, params, clx.chain(clx.gpm(0.9, num_samples=8), optax.sgd(0.1)), stream, **kw)
+    fresh = fit(
+        model, jax.tree.map(jnp.asarray, before), clx.chain(clx.gpm(0.9, num_samples=8), optax.sgd(0.1)), stream, **kw
+    )
+    np.testing.assert_array_equal(second.accuracy_matrix, fresh.accuracy_matrix)
+    jax.tree.map(np.testing.assert_array_equal, second.params, fresh.params)
+
+
 # --- item 5: a batch larger than the task -----------------------------------------------------------------------------
 
 
