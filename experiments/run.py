@@ -30,6 +30,7 @@ import tempfile
 
 import jax
 import numpy as np
+from absl import logging
 
 import clx
 from clx import checkpoint as ckpt_lib
@@ -72,6 +73,12 @@ def prepare(config) -> Plan:
     for method in chosen:
         methods.check_config(method, config)
     members = _members(config, chosen)
+    if len(members) > 1 and config.stream.kind.startswith("split") and config.stream.class_order == "random":
+        logging.warning(
+            "config.seeds: every member trains on the one class order drawn from config.seed=%d (members share the "
+            "stream); for an order per seed run each seed separately (experiments.tables does).",
+            config.seed,
+        )
     source = data.load_source(config.data.source, config.data.dir or None, scale=config.data.scale, pad=config.data.pad)
     stream = data.make_stream(
         source,

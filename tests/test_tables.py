@@ -43,3 +43,18 @@ def test_a_row_already_run_is_read_not_rerun(tmp_path):
     text = tables.build("split_mnist_derpp", str(tmp_path), (0,), ["er_200"])
     assert "| er_200 | 80.43 | 80.00 ± 0.00 (n=1) | -0.43 | 12 |" in text
     assert (tmp_path / "split_mnist_derpp" / "TABLE.md").read_text() == text
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="build checks the row's data: needs ../shared/data/mnist")
+def test_a_random_class_order_row_runs_one_run_per_seed(tmp_path, monkeypatch):
+    """Members of one fit_members run share one stream, so a row whose class order is drawn from the seed runs (here:
+    reads) one run per seed and reports their mean and std."""
+    c = tables._config("split_mnist_vdv", "domain_il", "ewc", (1, 2))
+    assert c.stream.class_order == "random"  # van de Ven's protocol: a digit-to-task order per seed
+    for s, acc in ((1, 0.5), (2, 0.7)):
+        out = tmp_path / "split_mnist_vdv" / "ewc_domain_il" / f"seed_{s}"
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"acc": acc, "wall_seconds": 10.0}))
+    monkeypatch.setattr("experiments.run.run", lambda *a, **k: pytest.fail("a row already run was run again"))
+    text = tables.build("split_mnist_vdv", str(tmp_path), (1, 2), ["ewc_domain_il"])
+    assert "| ewc_domain_il | 64.0 | 60.00 ± 10.00 (n=2) | -4.00 | 20 |" in text

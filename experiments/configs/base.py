@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = "gpm,finetune"  # comma-separated: each method runs on the same stream
     c.seed = 0
     c.seeds = ()  # several seeds -> one vmapped program over them (members); () = just `seed`
+    # (members differ in init and batch order; they share the stream drawn from `seed`: permutations, class order)
     c.progress = True
 
     # A small grid of one scalar hyperparameter, vmapped with the seeds (members = values x seeds).
