@@ -241,6 +241,11 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
                 extra["key"] = step_key(key, task, epoch, i)
                 b = b.replace(key=extra["key"])
             (loss, (inputs, logits)), (grads, deltas) = grad_fn(params, zeros, rule_state, b)
+            if rule.loss is not None:
+                # The loss term has read the state (a replay draw: a gather from the buffer); tie the state to the
+                # gradients so that those reads are done before update writes the state (an insert). Without it
+                # XLA copied the whole buffer every step: ER's step grew with its buffer (5,000: 15x fine-tuning).
+                rule_state, grads, deltas = jax.lax.optimization_barrier((rule_state, grads, deltas))
             if taps:
                 extra.update(layer_inputs=inputs, output_grads=deltas)
             if "batch" in rule.needs:
