@@ -60,3 +60,11 @@ def pytest_pyfunc_call(pyfuncitem):
             f"in the {NUM_FAKE_DEVICES}-device child process (exit {proc.returncode}):\n{out[-6000:]}", pytrace=False
         )
     return True
+
+
+@pytest.fixture
+def workdir_with_old_results(tmp_path):
+    """(workdir, its results.json of an earlier run): a test that fails early asserts the file is untouched."""
+    sentinel = tmp_path / "results.json"
+    sentinel.write_text('{"old": true}')
+    return tmp_path, sentinel

@@ -29,13 +29,6 @@ def _tiny():
     return _cl_tiny.digits_config("gpm,finetune")
 
 
-@pytest.fixture
-def workdir_with_old_results(tmp_path):
-    sentinel = tmp_path / "results.json"
-    sentinel.write_text('{"old": true}')
-    return tmp_path, sentinel
-
-
 @pytest.mark.parametrize(
     "key,value,match",
     [

@@ -64,13 +64,6 @@ def test_every_numeric_config_value_has_a_range_check():
         checks.check_config(tree)
 
 
-@pytest.fixture
-def workdir_with_old_results(tmp_path):
-    sentinel = tmp_path / "results.json"
-    sentinel.write_text('{"old": true}')
-    return tmp_path, sentinel
-
-
 @pytest.mark.parametrize(
     "key,value,match",
     [
