@@ -22,6 +22,7 @@ sweepable keys, results entries, data mode) is its entry in ``experiments.method
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -194,8 +195,10 @@ def check_workdir(workdir: str) -> None:
         raise OSError(f"cannot write into the workdir {path} ({e}); {fix}.") from e
 
 
+@functools.cache
 def _experiment_code() -> dict:
-    """The experiment code that decides what a run computes, for the checkpoint fingerprint (clx adds its own)."""
+    """The experiment code that decides what a run computes, for the checkpoint fingerprint (clx adds its own).
+    Hashed once per process, as ``clx.checkpoint.code_fingerprint`` (the code that was imported)."""
     return {
         "experiments_sha256": ckpt_lib.source_sha256(os.path.dirname(os.path.abspath(__file__)), "run.py", "methods")
     }
