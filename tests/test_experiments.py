@@ -435,6 +435,7 @@ def test_split_cifar100_trains_on_tfds_mock_data(tmp_path):
     c.model.hidden = (16,)
     c.train.epochs, c.train.batch_size, c.train.eval_batch_size = 1, 64, 500
     c.er.buffer_size = 100
+    c.stream.train_subset = 64  # one batch per task: every task shares one compiled program (the sizes differ)
     c.progress = False
     with tfds.testing.mock_data(num_examples=1000):
         results = run(c, str(tmp_path / "out"))

@@ -120,3 +120,42 @@ def test_bad_mesh_and_batch_size_errors_then_members_on_a_mesh(tmp_path):
     )
     np.testing.assert_allclose(many.accuracy_matrix, one.accuracy_matrix, atol=0.01)
     assert not np.array_equal(many.accuracy_matrix[0], many.accuracy_matrix[1])
+
+
+#: One method per code path of the baselines issue (online EWC, MAS and L2 share EWC's; DER is DER++ without its
+#: second draw): each trained on an 8-device data-parallel mesh must equal its 1-device run.
+BASELINES = ("ewc", "si", "lwf", "er", "agem", "gem", "derpp")
+
+
+def test_every_baseline_on_8_devices_equals_one_device():
+    # One test (one child process) for all of them; each built by its registry entry as the experiment script does.
+    from clx.train import fit
+    from tests import test_contract
+
+    mesh = shd.make_mesh()
+    stream = _cl_tiny.stream(num_tasks=2, train_subset=64)
+    for name in BASELINES:
+        runs = []
+        for m in (None, mesh):
+            model_fn, rule = test_contract.CONTRACT[name]()
+            model, params = model_fn(0)
+            runs.append(
+                fit(model, params, rule, stream, epochs=1, batch_size=16, evidence_samples=24, progress=False, mesh=m)
+            )
+        single, sharded = runs
+        for leaf in jax.tree.leaves(sharded.params):
+            assert len(leaf.sharding.device_set) == 8, name
+        np.testing.assert_allclose(sharded.accuracy_matrix, single.accuracy_matrix, atol=0.02, err_msg=name)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=name),
+            sharded.params,
+            single.params,
+        )
+        # the rule state (Fisher, importances, buffers with their stored logits) agrees too
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(
+                np.asarray(a, np.float64), np.asarray(b, np.float64), atol=1e-3, rtol=1e-3, err_msg=name
+            ),
+            sharded.rule_state,
+            single.rule_state,
+        )

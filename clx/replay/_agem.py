@@ -91,7 +91,10 @@ def agem(
         old = state.memory.task_ids < task_id
         ref = sample(state.memory, jax.random.fold_in(key, 0), reference_batch_size, mask=old)
         g_ref = grad_fn(params, ref)  # zeros when nothing is drawn (every weight 0)
-        return project_agem(updates, g_ref), AGEMState(insert(state.memory, batch))
+        # The draw reads the memory and the insert writes it: tie the memory to g_ref so the read is done first and
+        # the insert can write in place (else XLA copies the whole memory every step, as the trainer's note says).
+        g_ref, memory = jax.lax.optimization_barrier((g_ref, state.memory))
+        return project_agem(updates, g_ref), AGEMState(insert(memory, batch))
 
     def consolidate(state, params, evidence):
         del params, evidence

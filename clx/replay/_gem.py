@@ -167,6 +167,8 @@ def gem(
         old = (tasks < task_id) & jnp.any(valid, axis=1)
         refs = Batch(x, y, ids, (valid & old[:, None]).astype(jnp.float32))  # one reference batch per task
         grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, refs)  # (num_tasks, ...) per leaf
+        # Reads of the memory done before the insert writes it (in place, no copy of the memory per step).
+        grads, mem = jax.lax.optimization_barrier((grads, mem))
         leaves, tree = jax.tree.flatten(updates)
         g = jnp.concatenate([leaf.reshape(-1) for leaf in leaves])
         rows = jnp.concatenate([leaf.reshape(num_tasks, -1) for leaf in jax.tree.leaves(grads)], axis=1)
