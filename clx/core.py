@@ -30,7 +30,8 @@ Every method family fits it without a special case in the trainer:
   weights): ``consolidate`` returns ``(moves, state)``; ``moves`` is an updates
   pytree that the trainer adds to the params (``optax.apply_updates``), or ``None``
   for no move (then the params are untouched, bit for bit);
-- **layer taps** (the inputs and output gradients of every Dense layer): declare
+- **layer taps** (the inputs and output gradients of every Dense and Conv layer; a
+  Conv layer's inputs are its im2col patches): declare
   ``"taps"``; only rules that declare it pay for them;
 - **randomness per step** (sampling a replay batch): declare ``"key"`` and
   ``update`` receives ``key`` (the loss term sees it as ``batch.key``), drawn from
@@ -59,9 +60,10 @@ State = Any
 #: What a rule can declare in ``needs``, and what the trainer then provides.
 NEEDS: dict[str, str] = {
     "taps": "update receives layer_inputs {kernel path: (N, d)} and output_grads {kernel path: (N, m)} of every "
-    "Dense layer (the model must be a TappedModel with at least one Dense layer)",
-    "representations": "evidence.representations holds every Dense layer's inputs on the evidence sample "
-    "(the model must be a TappedModel with at least one Dense layer)",
+    "Dense and Conv layer (a Conv's N = batch x output positions, d its patch size k_h k_w c_in; the model must be "
+    "a TappedModel with at least one such layer)",
+    "representations": "evidence.representations holds every Dense and Conv layer's inputs (a Conv's im2col "
+    "patches) on the evidence sample (the model must be a TappedModel with at least one such layer)",
     "batch": "update receives batch, the step's clx.Batch (inputs, labels, task ids, weights, logits)",
     "grad_fn": "update receives grad_fn(params, batch) -> the task loss's gradient on another batch",
     "optimizer": "the rule applies its own optimizer (its updates are final steps); at most one per chain",
@@ -142,7 +144,8 @@ class Evidence:
       x: (n, ...) float32, the sample's inputs.
       y: (n,) int32, the sample's labels.
       representations: ``{kernel path: (d, n) float32}``, the inputs of every
-        Dense layer on the sample, one column per example (the representation
+        Dense and Conv layer on the sample, one column per example (per example and
+        output position for a Conv: its im2col patches; the representation
         matrix R of Saha et al. 2021, Eq. 4); filled when the rule declares
         ``"representations"``, else empty. Kernel paths are '/'-joined keys of
         the params pytree, e.g. ``'layers/0/kernel'``. A layer applied to inputs
@@ -182,14 +185,14 @@ class Model(Protocol):
 
 @runtime_checkable
 class TappedModel(Model, Protocol):
-    """A :class:`Model` that also exposes its Dense layers' inputs and output gradients.
+    """A :class:`Model` that also exposes its Dense and Conv layers' inputs and output gradients.
 
     - ``apply_with_taps(params, x, task_id, perturbations=None) -> (logits, layer_inputs)``:
       ``layer_inputs[kernel path]`` is the layer's input (N, d), N = batch x positions;
       ``perturbations[kernel path]`` (N, m), when given, is added to the layer's
       pre-bias output, so differentiating with respect to zeros gives ``delta``.
     - ``tap_shapes(params, x, task_id) -> {kernel path: ShapeDtypeStruct (N, m)}``,
-      the shapes of those outputs ({} for a model with no Dense layers).
+      the shapes of those outputs ({} for a model with no Dense or Conv layers).
     """
 
     def apply_with_taps(self, params, x, task_id=None, perturbations=None): ...
@@ -220,7 +223,7 @@ def check_needs(rule: ContinualTransformation, model, tap_shapes: dict | None = 
 
     Raises:
       ValueError: an unknown need, or taps/representations asked of a model that
-        has no ``apply_with_taps`` or no Dense layer; names the rule and the fix.
+        has no ``apply_with_taps`` or no Dense/Conv layer; names the rule and the fix.
     """
     who = needers(rule)
     unknown = sorted(set(who) - set(NEEDS))
@@ -240,7 +243,7 @@ def check_needs(rule: ContinualTransformation, model, tap_shapes: dict | None = 
         if tap_shapes is not None and not tap_shapes:
             raise ValueError(
                 f"rule {who[need][0]!r} needs {need!r}, but the model {type(model).__name__} has no "
-                "Dense (nnx.Linear) layer to tap; give it one or drop the rule."
+                "Dense (nnx.Linear) or Conv (nnx.Conv) layer to tap; give it one or drop the rule."
             )
     if rule.loss is not None and not callable(getattr(model, "apply", None)):
         raise ValueError(
