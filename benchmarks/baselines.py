@@ -170,21 +170,20 @@ def main():
         for name in names:
             times[name][batch] = time_method(name, config, s, batch, args.steps, args.repeats, args.warm_steps)
             print(f"  {name} at batch {batch}: {1e6 * times[name][batch]:.1f} us/step", flush=True)
+    config = pmnist_baselines.get_config()
+    examples = {(n, b): examples_per_step(n, config, b) for n in names for b in args.batches}
     same_work = {}  # fine-tuning at a replay method's examples per step
-    for batch in args.batches:
-        config = pmnist_baselines.get_config()
-        for name in names:
-            e = examples_per_step(name, config, batch)
-            if e != batch and e not in same_work:
-                config.train.batch_size = e
-                same_work[e] = time_method("finetune", config, s, e, args.steps, args.repeats, args.warm_steps)
-                print(f"  finetune at batch {e}: {1e6 * same_work[e]:.1f} us/step", flush=True)
+    for (name, batch), e in examples.items():
+        if e != batch and e not in same_work:
+            config.train.batch_size = e
+            same_work[e] = time_method("finetune", config, s, e, args.steps, args.repeats, args.warm_steps)
+            print(f"  finetune at batch {e}: {1e6 * same_work[e]:.1f} us/step", flush=True)
     print()
     for name in names:
         ratios = []
         for b in args.batches:
             r = f"{times[name][b] / times['finetune'][b]:.2f}x fine-tuning at batch {b}"
-            e = examples_per_step(name, pmnist_baselines.get_config(), b)
+            e = examples[name, b]
             if e != b:
                 r += f" ({e} examples a step: {times[name][b] / same_work[e]:.2f}x fine-tuning at batch {e})"
             ratios.append(r)
@@ -202,22 +201,15 @@ def main():
         print(line, flush=True)
     if args.avalanche:
         print("\nAvalanche's protocol (10 permuted-MNIST tasks, 784-256-256-10, SGD, 1 epoch, batch 128):", flush=True)
-        walls = {}
-        for name in ["finetune"] + [n for n in AVALANCHE_PROTOCOL_S if n != "finetune" and n in names]:
-            walls[name] = protocol_wall(name, args.data_dir)
-            naive_quiet, naive_busy = AVALANCHE_PROTOCOL_S["finetune"]
-            if name == "finetune":
-                print(
-                    f"  finetune: clx {walls[name]:.1f} s, Avalanche Naive {naive_quiet:.0f} s "
-                    f"({naive_quiet / walls[name]:.1f}x clx)",
-                    flush=True,
-                )
-                continue
-            theirs = AVALANCHE_PROTOCOL_S[name]
+        naive_quiet, naive_busy = AVALANCHE_PROTOCOL_S["finetune"]
+        ours = protocol_wall("finetune", args.data_dir)
+        print(f"  finetune: clx {ours:.1f} s, Avalanche Naive {naive_quiet:.0f} s ({naive_quiet / ours:.1f}x clx)")
+        for name in [n for n in AVALANCHE_PROTOCOL_S if n != "finetune" and n in names]:
+            wall, theirs = protocol_wall(name, args.data_dir), AVALANCHE_PROTOCOL_S[name]
             print(
-                f"  {name}: clx {walls[name]:.1f} s ({walls[name] / walls['finetune']:.2f}x its fine-tuning), "
+                f"  {name}: clx {wall:.1f} s ({wall / ours:.2f}x its fine-tuning), "
                 f"Avalanche {theirs:.0f} s ({theirs / naive_busy:.2f}x its Naive that day); "
-                f"{theirs / naive_busy * naive_quiet / walls[name]:.1f}x faster at equal load",
+                f"{theirs / naive_busy * naive_quiet / wall:.1f}x faster at equal load",
                 flush=True,
             )
 
