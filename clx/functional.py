@@ -1,25 +1,38 @@
-"""Flax NNX models as pure functions, with the Dense-layer taps rules need.
+"""Flax NNX models as pure functions, with the Dense- and Conv-layer taps rules need.
 
 ``FunctionalModel.from_module(module)`` splits an NNX module once (``nnx.split``)
 into a static graph and a params pytree (plain nested dicts of arrays), and gives
 
 - ``apply(params, x, task_id) -> logits``, a pure function for jit/grad/vmap;
 - ``apply_with_taps(params, x, task_id, perturbations=None)``, which also returns
-  the inputs of every ``nnx.Linear`` layer, keyed by the path of its kernel in
-  ``params`` (``'layers/0/kernel'``). Adding ``perturbations`` (zeros, one per
-  layer, shaped like the layer's pre-bias output) and differentiating with respect
-  to them yields the gradient of the loss with respect to each layer's output
-  ``delta``, so a Dense kernel gradient factors as ``g = X^T delta``. Rules that
-  project the input space (GPM) use this to project the (B, d) inputs instead of
-  the (d, m) gradient when that is cheaper.
+  the inputs of every ``nnx.Linear`` and ``nnx.Conv`` layer, keyed by the path of
+  its kernel in ``params`` (``'layers/0/kernel'``). Adding ``perturbations``
+  (zeros, one per layer, shaped like the layer's pre-bias output flattened to
+  (N, m)) and differentiating with respect to them yields the gradient of the loss
+  with respect to each layer's output ``delta``, so a kernel gradient factors as
+  ``g = X^T delta``. Rules that project the input space (GPM) use this to project
+  the (N, d) inputs instead of the (d, m) gradient when that is cheaper.
+
+A Conv layer's "input" is its im2col patch matrix (:func:`conv_patches`): one row
+per example and output position (example-major: all positions of example 0
+first, row-major over the output grid), one column per kernel row in the order of
+``kernel.reshape(k_h * k_w * c_in, c_out)``, taken with the layer's own strides,
+padding and dilations. Then ``g_kernel.reshape(d, c_out) == patches^T @ delta``
+exactly (up to float rounding), as for a Dense layer; this is the representation
+matrix of GPM's conv layers (Saha et al. 2021, Sec. 4; the authors' code builds it
+in a Python loop over examples and positions, with PyTorch's channel-major
+(c_in, k_h, k_w) row order: the same subspace up to that permutation of rows).
 
 Layers are tapped by giving each ``nnx.Linear`` of the merged copy its own
-``dot_general``; the module passed in is never modified.
+``dot_general`` and each ``nnx.Conv`` its own ``conv_general_dilated``; the module
+passed in is never modified. Memory: a Conv tap holds ``N x d`` floats, k_h k_w
+times the layer's input (GPM's AlexNet conv2 on 125 examples: 18,000 x 576).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable
 
 import jax
@@ -94,7 +107,7 @@ class FunctionalModel:
         return self._call(self._merge(params), x, task_id)
 
     def apply_with_taps(self, params, x, task_id=None, perturbations: dict | None = None):
-        """Logits and the inputs of every Dense layer.
+        """Logits and the inputs of every Dense and Conv layer (a Conv's: its im2col patches).
 
         Args:
           params: the params pytree.
@@ -105,34 +118,60 @@ class FunctionalModel:
 
         Returns:
           ``(logits, layer_inputs)`` with ``layer_inputs[path]`` of shape (N, d):
-          the layer's input with all leading axes flattened (N = batch for an MLP).
+          a Dense layer's input with all leading axes flattened (N = batch for an
+          MLP); a Conv layer's im2col patches, N = batch x output positions
+          (example-major), d = k_h k_w c_in in the order of the kernel's rows.
 
         Raises:
           ValueError: if a layer is applied more than once while perturbations
-            are given (the factored gradient needs one call per layer).
+            are given (the factored gradient needs one call per layer); a grouped
+            Conv (``feature_group_count > 1``), whose kernel is not one matrix
+            over the patches.
         """
         module = self._merge(params)
         inputs: dict[str, jax.Array] = {}
         for mpath, sub in nnx.iter_modules(module):
+            key = path_str(tuple(mpath) + ("kernel",))
             if isinstance(sub, nnx.Linear):
-                sub.dot_general = _tap(path_str(tuple(mpath) + ("kernel",)), sub.dot_general, inputs, perturbations)
+                sub.dot_general = _tap(key, sub.dot_general, inputs, perturbations)
+            elif isinstance(sub, nnx.Conv):
+                sub.conv_general_dilated = _conv_tap(key, sub.conv_general_dilated, inputs, perturbations)
         logits = self._call(module, x, task_id)
         return logits, inputs
 
     def tap_shapes(self, params, x, task_id=None) -> dict[str, jax.ShapeDtypeStruct]:
-        """Shapes of each Dense layer's pre-bias output, flattened to (N, m), for ``x``."""
+        """Shapes of each Dense and Conv layer's pre-bias output, flattened to (N, m), for ``x``."""
         shapes: dict[str, Any] = {}
 
         def run(params, x):
             module = self._merge(params)
             for mpath, sub in nnx.iter_modules(module):
+                key = path_str(tuple(mpath) + ("kernel",))
                 if isinstance(sub, nnx.Linear):
-                    key = path_str(tuple(mpath) + ("kernel",))
                     sub.dot_general = _shape_tap(key, sub.dot_general, shapes)
+                elif isinstance(sub, nnx.Conv):
+                    sub.conv_general_dilated = _shape_tap(key, sub.conv_general_dilated, shapes)
             return self._call(module, x, task_id)
 
         jax.eval_shape(run, params, x)
         return shapes
+
+
+def _record(key: str, flat: jax.Array, inputs: dict, perturbations: dict | None) -> None:
+    if key in inputs:
+        if perturbations is not None:
+            raise ValueError(
+                f"Conv layer {key!r} is applied more than once; factored gradients need one call "
+                "per layer. Use a rule that does not declare 'taps'."
+            )
+        flat = jnp.concatenate([inputs[key], flat], axis=0)
+    inputs[key] = flat
+
+
+def _perturb(key: str, out: jax.Array, perturbations: dict | None) -> jax.Array:
+    if perturbations is not None and key in perturbations:
+        out = out + perturbations[key].reshape(out.shape)
+    return out
 
 
 def _tap(key: str, dot_general: Callable, inputs: dict, perturbations: dict | None) -> Callable:
@@ -162,5 +201,112 @@ def _shape_tap(key: str, dot_general: Callable, shapes: dict) -> Callable:
             n *= s
         shapes[key] = jax.ShapeDtypeStruct((n, out.shape[-1]), out.dtype)
         return out
+
+    return tapped
+
+
+_CHANNELS_LAST = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def conv_patches(
+    x: jax.Array,
+    kernel_shape: tuple[int, ...],
+    strides=1,
+    padding="VALID",
+    input_dilation=1,
+    kernel_dilation=1,
+) -> jax.Array:
+    """The im2col patch matrix of a channels-last convolution, as (N, d).
+
+    For ``x`` (B, *spatial, c_in) and a kernel (*window, c_in, c_out) (Flax's
+    ``nnx.Conv`` layout, 1 to 3 spatial dims), returns the (B * P, d) matrix X,
+    P the number of output positions and d = prod(window) * c_in, with
+
+        conv(x, kernel).reshape(B * P, c_out) == X @ kernel.reshape(d, c_out)
+
+    Rows are example-major (the P positions of example 0 first, row-major over
+    the output grid), so the first n examples' rows are a prefix; columns follow
+    the kernel's row order (window positions, then input channels). Built with
+    ``jax.lax.conv_general_dilated_patches`` (at HIGHEST precision, so the patches
+    are the inputs bit for bit), whose channel-major (c_in, *window) features are
+    reordered to (*window, c_in).
+
+    Args:
+      x: (B, *spatial, c_in) inputs.
+      kernel_shape: the kernel's shape (*window, c_in, c_out) (``c_out`` may be omitted).
+      strides, input_dilation, kernel_dilation: an int or one per spatial dim.
+      padding: 'VALID', 'SAME', or one (low, high) pair per spatial dim, as ``lax.conv_general_dilated``.
+
+    Raises:
+      ValueError: ``x`` and ``kernel_shape`` disagree on the number of spatial
+        dims or on ``c_in``, or more than 3 spatial dims.
+    """
+    x = jnp.asarray(x)
+    nsp = x.ndim - 2
+    if nsp not in _CHANNELS_LAST:
+        raise ValueError(f"conv_patches: x must be (batch, 1 to 3 spatial dims, channels), got shape {x.shape}.")
+    kernel_shape = tuple(int(s) for s in kernel_shape)
+    if len(kernel_shape) == nsp + 2:
+        kernel_shape = kernel_shape[:-1]
+    if len(kernel_shape) != nsp + 1 or kernel_shape[-1] != x.shape[-1]:
+        raise ValueError(
+            f"conv_patches: kernel_shape {kernel_shape} does not fit x of shape {x.shape}: it must be "
+            f"(*window ({nsp} dims), c_in={x.shape[-1]}[, c_out])."
+        )
+    window = kernel_shape[:-1]
+
+    def per_dim(v):
+        return (int(v),) * nsp if isinstance(v, int) else tuple(int(a) for a in v)
+
+    return _patches(x, window, per_dim(strides), padding, per_dim(input_dilation), per_dim(kernel_dilation))
+
+
+def _patches(x, window, strides, padding, lhs_dilation, rhs_dilation):
+    nsp = len(window)
+    if not isinstance(padding, str):
+        padding = tuple(tuple(int(a) for a in p) for p in padding)
+    p = jax.lax.conv_general_dilated_patches(
+        x,
+        window,
+        strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=_CHANNELS_LAST[nsp],
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    c = x.shape[-1]
+    lead = p.shape[:-1]  # (B, *out_spatial)
+    p = p.reshape(*lead, c, *window)  # channel-major features -> (*window, c_in)
+    p = jnp.moveaxis(p, len(lead), -1)
+    return p.reshape(-1, math.prod(window) * c)
+
+
+def _conv_tap(key: str, conv: Callable, inputs: dict, perturbations: dict | None) -> Callable:
+    def tapped(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, *args, **kwargs):
+        dn = kwargs.get("dimension_numbers")
+        groups = kwargs.get("feature_group_count", 1)
+        if groups != 1:
+            raise ValueError(
+                f"Conv layer {key!r} has feature_group_count={groups}; clx taps only ungrouped convolutions "
+                "(one (k_h k_w c_in, c_out) kernel matrix over the patches). Use a rule without 'taps'."
+            )
+        nsp = lhs.ndim - 2
+        if dn is not None and tuple(jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)) != tuple(
+            jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST[nsp])
+        ):
+            raise ValueError(f"Conv layer {key!r} is not channels-last; clx taps only Flax's NHWC/HWIO layout.")
+        ones = (1,) * nsp
+        flat = _patches(
+            lhs,
+            tuple(rhs.shape[:-2]),
+            tuple(window_strides),
+            padding,
+            tuple(lhs_dilation or ones),
+            tuple(rhs_dilation or ones),
+        )
+        _record(key, flat, inputs, perturbations)
+        out = conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, *args, **kwargs)
+        return _perturb(key, out, perturbations)
 
     return tapped

@@ -4,6 +4,7 @@ a hyperparameter, and the cheaper of two exact ways to apply a projector."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -15,33 +16,44 @@ from clx.tree import concrete, path_str
 
 
 def kernel_paths(params, layers: Sequence[str] | None = None, *, who: str = "projection") -> list[tuple[str, tuple]]:
-    """The 2-D ``kernel`` leaves to project, as ``[(path, shape)]`` in flattening order.
+    """The Dense (2-D) and Conv (4-D) ``kernel`` leaves to project, as ``[(path, (d, m))]`` in flattening order.
+
+    The shape returned is the kernel's matrix shape: ``(d_in, d_out)`` for a Dense
+    kernel; ``(k_h * k_w * c_in, c_out)`` for a Conv kernel (k_h, k_w, c_in,
+    c_out), the rows of ``kernel.reshape(d, c_out)``, which is what the layer's
+    im2col patches (``clx.functional.conv_patches``) multiply. So ``d`` is always
+    the dimension of the layer's input space (its subspace lives in R^d).
 
     Args:
       params: the params pytree.
       layers: kernel paths to keep (in this order), e.g. ``['layers/0/kernel']``;
-        None: every 2-D leaf named ``kernel`` (all Dense layers), in the order
-        ``jax.tree_util`` flattens the params (sorted keys).
+        None: every 2-D or 4-D leaf named ``kernel`` (all Dense and 2-D Conv
+        layers; 3-D leaves, such as ``clx.MultiHead``'s stacked heads, are never
+        taken), in the order ``jax.tree_util`` flattens the params (sorted keys).
       who: the rule's name, for error messages.
 
     Raises:
-      ValueError: an unknown or non-2-D path in ``layers``; params without 2-D kernels.
+      ValueError: an unknown or non-2-D/4-D path in ``layers``; params without such kernels.
     """
     kernels = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = path_str(path)
-        if key.split("/")[-1] == "kernel" and jnp.ndim(leaf) == 2:
-            kernels.append((key, tuple(leaf.shape)))
+        if key.split("/")[-1] == "kernel" and jnp.ndim(leaf) in (2, 4):
+            shape = tuple(leaf.shape)
+            kernels.append((key, (math.prod(shape[:-1]), shape[-1])))
     if layers is None:
         chosen = kernels
     else:
         known = dict(kernels)
         unknown = [p for p in layers if p not in known]
         if unknown:
-            raise ValueError(f"{who}: layers {unknown} are not 2-D kernels of the params; known: {sorted(known)}.")
+            raise ValueError(
+                f"{who}: layers {unknown} are not 2-D kernels (Dense) or 4-D kernels (Conv) of the params; "
+                f"known: {sorted(known)}."
+            )
         chosen = [(p, known[p]) for p in layers]
     if not chosen:
-        raise ValueError(f"{who}: the params have no 2-D 'kernel' leaves to project.")
+        raise ValueError(f"{who}: the params have no 2-D (Dense) or 4-D (Conv) 'kernel' leaves to project.")
     return chosen
 
 
@@ -96,40 +108,48 @@ def per_layer(
 
 
 def project_kernel(g: jax.Array, q: jax.Array, x: jax.Array | None = None, delta: jax.Array | None = None) -> jax.Array:
-    """``Q g`` for a kernel gradient g (d, m) and a (d, d) projector Q, by the cheaper exact route.
+    """``Q g`` for a kernel gradient g and a (d, d) projector Q, by the cheaper exact route.
 
-    With the layer's inputs ``x`` (N, d) and output gradients ``delta`` (N, m)
+    ``g`` is a Dense kernel's (d, m) gradient, or a Conv kernel's (k_h, k_w, c_in,
+    c_out) gradient, projected as its (d, m) = (k_h k_w c_in, c_out) matrix and
+    returned in the kernel's shape. With the layer's inputs ``x`` (N, d) (a Conv's
+    im2col patches, N = batch x positions) and output gradients ``delta`` (N, m)
     (the trainer's taps; ``g = x^T delta``), ``(x Q)^T delta`` costs
     2 N d^2 + 2 N d m FLOPs against 2 d^2 m for ``Q g``: at batch 10 on a
-    784-input layer ten times fewer. The choice is made from static shapes.
+    784-input layer ten times fewer; on a conv layer N is large and ``Q g``
+    usually wins. The choice is made from static shapes.
     Products run at full float32 precision (``clx.subspace.matmul``).
 
     Returns:
-      (d, m) in g's dtype.
+      g's shape and dtype.
     """
     q = q.astype(g.dtype)
-    d, m = g.shape
+    shape = g.shape
+    g2 = g.reshape(-1, shape[-1]) if g.ndim != 2 else g
+    d, m = g2.shape
     if x is not None and delta is not None:
         n = x.shape[0]
         if 2 * n * d * d + 2 * n * d * m < 2 * d * d * m:
             # einsum contracts N without materialising (X Q)^T (2.7x faster on CPU than .T @).
             xq = sub.matmul(x.astype(g.dtype), q)
-            return jnp.einsum("nd,nm->dm", xq, delta.astype(g.dtype), precision=sub.HIGHEST).astype(g.dtype)
-    return sub.matmul(q, g)
+            out = jnp.einsum("nd,nm->dm", xq, delta.astype(g.dtype), precision=sub.HIGHEST).astype(g.dtype)
+            return out.reshape(shape)
+    return sub.matmul(q, g2).reshape(shape)
 
 
 def check_kernel_shape(who: str, path, g, d: int, x=None) -> None:
-    """Raises (at trace time) if a kernel gradient ``g`` at ``path`` is not (d, m) for the state's subspace of R^d,
+    """Raises (at trace time) if a kernel gradient ``g`` at ``path`` is not (d, m) (Dense) or
+    (k_h, k_w, c_in, m) with k_h k_w c_in = d (Conv) for the state's subspace of R^d,
     or the layer's tapped inputs ``x`` are not (N, d).
 
     Raises:
       ValueError: names the rule, the parameter path (``jax.tree_util.keystr``) and both shapes.
     """
-    if jnp.ndim(g) != 2 or g.shape[0] != d:
+    if jnp.ndim(g) not in (2, 4) or math.prod(jnp.shape(g)[:-1]) != d:
         raise ValueError(
             f"{who}: the gradient of {jax.tree_util.keystr(tuple(path))} has shape {jnp.shape(g)} but the rule's "
-            f"state for it is a subspace of R^{d} (projector ({d}, {d})), so it needs shape ({d}, m); was the "
-            "state built by init on other params?"
+            f"state for it is a subspace of R^{d} (projector ({d}, {d})), so it needs shape ({d}, m) or, for a "
+            f"conv kernel, (k_h, k_w, c_in, m) with k_h k_w c_in = {d}; was the state built by init on other params?"
         )
     if x is not None and (jnp.ndim(x) != 2 or x.shape[1] != d):
         raise ValueError(
@@ -149,3 +169,49 @@ def check_finite(who: str, what: str, a) -> None:
             f"{who}: {what} holds NaN or inf ({int(jnp.sum(~jnp.isfinite(a)))} entries); its subspace would "
             "silently get rank 0. Check the inputs and the params."
         )
+
+
+def check_num_samples(value, who: str = "projection"):
+    """Checks a per-layer ``num_samples`` (an int >= 1, a sequence of them, or a dict from kernel path to one;
+    not a function: the column count must be static). Returns it normalised (ints; tuples for sequences).
+
+    Raises:
+      ValueError: a callable, or a value that is not an integer >= 1.
+    """
+    if callable(value):
+        raise ValueError(f"{who}: num_samples must be an int, a sequence or a dict (static), not a function.")
+
+    def check(v):
+        if isinstance(v, bool) or int(v) != v or int(v) < 1:
+            raise ValueError(f"{who}: num_samples must be integers >= 1, got {v!r}.")
+        return int(v)
+
+    return check_per_layer(value, check)
+
+
+def example_columns(rep: jax.Array, num_examples: int, num_samples: int, *, who: str, path: str) -> jax.Array:
+    """The columns of the first ``num_samples`` examples of a representation matrix ``rep`` (d, num_examples * P).
+
+    A Dense layer has P = 1 column per example, a Conv layer one per output position
+    (its im2col patches, example-major: ``clx.functional.conv_patches``), so the
+    first ``num_samples * P`` columns are the first ``num_samples`` examples'. GPM's
+    authors count a conv layer's samples in examples too (``batch_list`` in their
+    ``main_cifar100.py``: 24 examples for AlexNet's conv1, 100 for conv2/conv3, 125
+    for the fc layers).
+
+    Raises:
+      ValueError: ``rep``'s column count is not a multiple of ``num_examples``, or
+        fewer than ``num_samples`` examples.
+    """
+    cols = rep.shape[1]
+    if num_examples < 1 or cols % num_examples:
+        raise ValueError(
+            f"{who}: representation of {path!r} has {cols} columns, not a multiple of the evidence's "
+            f"{num_examples} examples (one column per example and output position)."
+        )
+    if num_examples < num_samples:
+        raise ValueError(
+            f"{who}: representation of {path!r} has {num_examples} examples but num_samples={num_samples}; "
+            "collect a larger evidence sample or lower num_samples."
+        )
+    return rep[:, : num_samples * (cols // num_examples)]

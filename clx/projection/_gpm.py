@@ -19,9 +19,21 @@ output gradients delta (N, m), ``(X Q)^T delta`` (2 N d^2 + 2 N d m FLOPs, and
 the unprojected ``X^T delta`` is then never formed). At batch 10 on a 784-input
 layer the second is ten times cheaper.
 
+Conv layers: a conv kernel (k_h, k_w, c_in, c_out) is projected as its
+(k_h k_w c_in, c_out) matrix, its subspace spanned by the layer's im2col patches
+(``clx.functional.conv_patches``; the trainer's evidence holds them as
+(d, examples x positions)), as the authors' code does for AlexNet and ResNet-18.
+``num_samples`` counts examples for every layer, as the authors' ``batch_list``
+(AlexNet on CIFAR-100: 24 examples for conv1, 100 for conv2 and conv3, 125 for the
+fc layers; a conv layer then has examples x positions columns: 24 x 29 x 29 = 20,184 for conv1).
+
 Differences from the authors' code: the first task's rank follows the paper's Eq. 5
 (the fewest directions reaching the threshold), where the code keeps one fewer;
-biases, if a model has them, are not projected (GPM's models have none).
+biases, if a model has them, are not projected (GPM's models have none) and, with
+``freeze_vectors=True``, frozen after the first task as the code does for its
+batch-norm scales and biases (``train_projected``: every 1-D parameter's
+gradient is zeroed for ``task_id != 0``); the patches' rows are in Flax's
+(k_h, k_w, c_in) order where PyTorch's are (c_in, k_h, k_w): the same subspaces.
 """
 
 from __future__ import annotations
@@ -36,7 +48,9 @@ from clx.core import ContinualTransformation, Evidence
 from clx.projection._common import (
     check_finite,
     check_kernel_shape,
+    check_num_samples,
     check_per_layer,
+    example_columns,
     kernel_paths,
     per_layer,
     project_kernel,
@@ -51,8 +65,9 @@ class GPMState(NamedTuple):
 
 def gpm(
     threshold: float | Sequence[float] | dict[str, float] | Callable = 0.97,
-    num_samples: int = 300,
+    num_samples: int | Sequence[int] | dict[str, int] = 300,
     layers: Sequence[str] | None = None,
+    freeze_vectors: bool = False,
 ) -> ContinualTransformation:
     """Gradient Projection Memory (Saha et al. 2021, Algorithm 1).
 
@@ -67,11 +82,21 @@ def gpm(
         dict from kernel path to value; or a function of the task index returning either
         (the paper's CIFAR setup uses ``lambda t: 0.97 + 0.003 * t``). Paper
         defaults: (0.95, 0.99, 0.99) on Permuted MNIST, 0.97 + 0.003 t on CIFAR-100.
-      num_samples: examples per task in each representation matrix (300 on
-        Permuted MNIST, 125 on CIFAR-100 in the paper). The first
-        ``num_samples`` columns of the evidence's representations are used.
+      num_samples: examples per task in each representation matrix: an int for
+        every layer, a sequence with one per projected layer (order as for
+        ``threshold``) or a dict from kernel path to int (300 on Permuted MNIST;
+        ``(24, 100, 100, 125, 125)`` for AlexNet on CIFAR-100 in the authors'
+        code). The columns of the first ``num_samples`` examples of the
+        evidence's representations are used: ``num_samples`` columns for a
+        Dense layer, ``num_samples x positions`` for a Conv layer.
       layers: kernel paths to project (e.g. ``['layers/0/kernel']``); by default
-        every 2-D parameter named ``kernel`` (all Dense layers).
+        every 2-D or 4-D parameter named ``kernel`` (all Dense and Conv layers;
+        ``clx.MultiHead``'s per-task heads are 3-D and never projected).
+      freeze_vectors: zero the gradient of every 1-D parameter (biases,
+        batch-norm scales and biases) while tasks after the first train
+        (``task_id > 0``), as the authors' code does; the model's 1-D params
+        then learn on the first task only. Needs the ``task_id`` extra
+        (``clx.fit`` always passes it).
 
     Returns:
       A ContinualTransformation named "gpm" with state ``GPMState`` that needs
@@ -81,18 +106,22 @@ def gpm(
       of every projected kernel). ``consolidate`` never moves the params.
 
     Raises:
-      ValueError: a threshold outside (0, 1], a threshold list of the wrong
-        length, ``num_samples < 1``, an unknown layer path, a non-2-D kernel; at
-        consolidate, missing representations or fewer than ``num_samples``
-        columns; at consolidate, a representation of the wrong shape or (when
-        concrete) holding NaN/inf; at trace time of ``update``, a gradient
-        whose shape does not match the state's subspace (names the layer and
-        both shapes) or a state built on other params.
+      ValueError: a threshold outside (0, 1], a threshold or num_samples list
+        of the wrong length, ``num_samples < 1`` (or a function), an unknown
+        layer path, a kernel that is not 2-D or 4-D; at consolidate, missing
+        representations, fewer than ``num_samples`` examples, or a column
+        count that is not a multiple of the evidence's examples; with
+        ``freeze_vectors``, an ``update`` called without ``task_id``; at
+        consolidate, a representation of the wrong shape or (when concrete)
+        holding NaN/inf; at trace time of ``update``, a gradient whose shape
+        does not match the state's subspace (names the layer and both shapes)
+        or a state built on other params.
     """
     threshold = check_per_layer(threshold, sub.check_threshold)
-    if int(num_samples) < 1:
+    if not isinstance(num_samples, (dict, list, tuple)) and not callable(num_samples) and int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-    num_samples = int(num_samples)
+    num_samples = check_num_samples(num_samples, who="gpm")
+    freeze_vectors = bool(freeze_vectors)
 
     def projected(params) -> list[tuple[str, tuple[int, ...]]]:
         return kernel_paths(params, layers, who="gpm")
@@ -105,17 +134,26 @@ def gpm(
         subspaces = {p: sub.empty(shape[0]) for p, shape in chosen}
         projectors = {p: jnp.eye(shape[0], dtype=jnp.float32) for p, shape in chosen}
         thresholds([p for p, _ in chosen], 0)  # values, length and keys, checked early
+        per_layer(num_samples, [p for p, _ in chosen], 0, int, who="gpm", what="num_samples value")
         return GPMState(subspaces, projectors)
 
-    def update(updates, state, params=None, *, layer_inputs=None, output_grads=None, **extra):
+    def update(updates, state, params=None, *, layer_inputs=None, output_grads=None, task_id=None, **extra):
         del params, extra
         layer_inputs, output_grads = layer_inputs or {}, output_grads or {}
+        if freeze_vectors and task_id is None:
+            raise ValueError(
+                "gpm(freeze_vectors=True).update needs the task_id extra (the task being trained; clx.fit "
+                "passes it): update(grads, state, params, task_id=t)."
+            )
+        keep = None if not freeze_vectors else (jnp.asarray(task_id) == 0)
 
         seen = set()
 
         def project(path, g):
             key = path_str(path)
             if key not in state.projectors:
+                if keep is not None and jnp.ndim(g) == 1:
+                    return jnp.where(keep, g, jnp.zeros_like(g))
                 return g
             seen.add(key)
             q = state.projectors[key]
@@ -138,24 +176,22 @@ def gpm(
         if missing:
             raise ValueError(
                 f"gpm: the evidence has no representation matrices for {missing}; it has "
-                f"{sorted(evidence.representations)}. The trainer records the inputs of nnx.Linear layers."
+                f"{sorted(evidence.representations)}. The trainer records the inputs of nnx.Linear and nnx.Conv layers."
             )
         subspaces, projectors = {}, {}
-        for p, th in zip(paths, thresholds(paths, evidence.task_id)):
+        samples = per_layer(num_samples, paths, evidence.task_id, int, who="gpm", what="num_samples value")
+        n_examples = int(evidence.x.shape[0])
+        for p, th, ns in zip(paths, thresholds(paths, evidence.task_id), samples):
             rep = evidence.representations[p]
             d = state.subspaces[p].basis.shape[0]
             if rep.ndim != 2 or rep.shape[0] != d:
                 raise ValueError(
                     f"gpm: representation of {p!r} has shape {rep.shape} but the layer's subspace lives in R^{d}; "
-                    "it must be (d, n) = (kernel rows, examples)."
+                    "it must be (d, n) = (kernel rows, examples [x positions for a conv layer])."
                 )
             check_finite("gpm", f"representation of {p!r}", rep)
-            if rep.shape[1] < num_samples:
-                raise ValueError(
-                    f"gpm: representation of {p!r} has {rep.shape[1]} examples but num_samples={num_samples}; "
-                    "collect a larger evidence sample or lower num_samples."
-                )
-            s = sub.expand(state.subspaces[p], rep[:, :num_samples], th)
+            rep = example_columns(rep, n_examples, ns, who="gpm", path=p)
+            s = sub.expand(state.subspaces[p], rep, th)
             subspaces[p] = s
             projectors[p] = sub.complement_projector(s)
         return None, GPMState(subspaces, projectors)

@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.stream.class_order = "natural"  # split streams: natural | random
 
     c.model = ml_collections.ConfigDict()
+    c.model.kind = "mlp"  # mlp | lenet | alexnet (methods/_registry.py MODEL_KINDS; CNNs take stream.input_shape)
     c.model.hidden = (100, 100)
     c.model.use_bias = False
     c.model.init = "torch"  # torch (PyTorch Linear default) | xavier (Glorot uniform, Mammoth) | lecun

@@ -31,6 +31,45 @@ def build_mlp(config, stream, seed: int):
     return clx.FunctionalModel.from_module(module)
 
 
+#: ``config.model.kind`` values :func:`build_classifier` builds.
+MODEL_KINDS = ("mlp", "lenet", "alexnet")
+
+
+def build_classifier(config, stream, seed: int):
+    """The model of ``config.model.kind`` for ``stream``, as (FunctionalModel, params).
+
+    "mlp": :func:`build_mlp`; "lenet": ``clx.LeNet`` and "alexnet": ``clx.AlexNet``
+    (GPM's), on ``stream.input_shape`` with the stream's outputs and heads
+    (``config.model.init``; LeNet also ``config.model.use_bias``).
+
+    Raises:
+      ValueError: an unknown kind (the message lists :data:`MODEL_KINDS`).
+    """
+    kind = str(config.model.get("kind", "mlp")).lower()
+    if kind == "mlp":
+        return build_mlp(config, stream, seed)
+    if kind == "lenet":
+        module = clx.models.LeNet(
+            tuple(stream.input_shape),
+            stream.num_outputs,
+            num_heads=stream.num_heads,
+            use_bias=config.model.use_bias,
+            init=config.model.init,
+            rngs=nnx.Rngs(seed),
+        )
+    elif kind == "alexnet":
+        module = clx.models.AlexNet(
+            tuple(stream.input_shape),
+            stream.num_outputs,
+            num_heads=stream.num_heads,
+            init=config.model.init,
+            rngs=nnx.Rngs(seed),
+        )
+    else:
+        raise ValueError(f"unknown config.model.kind {config.model.kind!r}; choose one of {MODEL_KINDS}.")
+    return clx.FunctionalModel.from_module(module)
+
+
 def _no_results(rule_state, member) -> dict:
     del rule_state, member
     return {}
@@ -78,7 +117,7 @@ class Method:
     sweepable: tuple[str, ...] = ("train.lr",)
     results: Callable[[Any, int | None], dict] = _no_results
     data_mode: str = "sequential"
-    build_model: Callable[..., tuple[Any, Any]] = build_mlp
+    build_model: Callable[..., tuple[Any, Any]] = build_classifier
     evidence_samples: Callable[[ml_collections.ConfigDict], int] = _default_evidence_samples
     check: Callable[[ml_collections.ConfigDict], None] = _no_check
 

@@ -13,7 +13,8 @@ def gpm_config() -> ml_collections.ConfigDict:
     """``config.gpm``: the paper's Permuted-MNIST values (Saha et al. 2021, App. B)."""
     g = ml_collections.ConfigDict()
     g.threshold = (0.95, 0.99, 0.99)  # per projected layer, or one float (a sweep sets one value for every layer)
-    g.num_samples = 300  # examples per task in the representation matrices
+    g.num_samples = 300  # examples per task in the representation matrices (an int, or one per projected layer)
+    g.freeze_vectors = False  # zero 1-D params' gradients (biases, batch norm) after task 0, as the authors' code
     return g
 
 
@@ -26,7 +27,9 @@ def gpm_rule(config, model, hp=None):
     if clx.tree.concrete(threshold) is None:  # a traced sweep value: gpm takes it as a function of the task
         traced = threshold
         threshold = lambda t: traced  # noqa: E731
-    return clx.chain(clx.gpm(threshold, num_samples=g.num_samples), optimizer(config, hp))
+    num_samples = g.num_samples if isinstance(g.num_samples, int) else tuple(g.num_samples)
+    freeze = bool(g.get("freeze_vectors", False))
+    return clx.chain(clx.gpm(threshold, num_samples=num_samples, freeze_vectors=freeze), optimizer(config, hp))
 
 
 def gpm_basis_ranks(rule_state, member) -> dict:
@@ -43,6 +46,6 @@ GPM = register(
         config=gpm_config,
         sweepable=("gpm.threshold", "train.lr"),
         results=gpm_basis_ranks,
-        evidence_samples=lambda config: int(config.gpm.num_samples),
+        evidence_samples=lambda config: int(np.max(config.gpm.num_samples)),
     )
 )
