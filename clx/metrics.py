@@ -7,7 +7,12 @@ tasks ``0..i`` and the next task ``i + 1`` (so ``R[i - 1, i]``, the accuracy on 
 before training on it, exists for forward transfer); the other entries above the
 diagonal are NaN.
 
-Every function validates its input and raises ``ValueError`` with the offending shape or
+The plasticity diagnostics at the end of the file (``dormant_fraction`` ...
+``plasticity_metrics``) are jax functions of a network's features and params,
+jit-able and vmappable; ``clx.train.fit(..., task_metrics=)`` records them at
+every task end.
+
+Every accuracy-matrix function validates its input and raises ``ValueError`` with the offending shape or
 entry: ``R`` must be square and 2-D, hold fractions (not percent), and have every entry
 its formula needs. Results are python floats.
 
@@ -35,6 +40,14 @@ __all__ = [
     "forgetting",
     "learning_accuracy",
     "summarize",
+    # plasticity diagnostics (jax, jit-able)
+    "dormant_fraction",
+    "effective_rank",
+    "stable_rank",
+    "approximate_rank",
+    "weight_norm",
+    "gradient_norm",
+    "plasticity_metrics",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -267,3 +280,185 @@ def summarize(R: Any, b: Any = None) -> dict[str, float]:
         "forgetting": forgetting(R),
         "learning_accuracy": learning_accuracy(R),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Plasticity diagnostics (jax; jit-able, vmappable, no host round trips)
+# ---------------------------------------------------------------------------------------
+#
+# References:
+#   * Sokar, Agarwal, Castro & Evci, "The Dormant Neuron Phenomenon in Deep Reinforcement
+#     Learning", ICML 2023 (ReDo's tau-dormant score, Def. 3.1).
+#   * Roy & Vetterli, "The effective rank: a measure of effective dimensionality", EUSIPCO 2007.
+#   * Rudelson & Vershynin 2007 (stable rank ||A||_F^2 / ||A||_2^2).
+#   * Kumar, Agarwal, Ghosh & Levine, "Implicit Under-Parameterization ...", ICLR 2021 (srank_delta),
+#     the "stable rank" of Dohare et al., "Loss of plasticity in deep continual learning", Nature 2024.
+
+_EPS = 1e-9  # ReDo's official code divides by (layer mean + 1e-9); also guards 0/0 in the ranks below
+
+
+def _as_features(features, who: str):
+    import jax.numpy as jnp
+
+    f = jnp.asarray(features)
+    if f.ndim != 2:
+        raise ValueError(f"{who}: features must be a 2-D (num_examples, num_units) array, got shape {f.shape}.")
+    return f.astype(jnp.float32)
+
+
+def dormant_fraction(features, tau: float = 0.0):
+    """The fraction of a layer's units that are tau-dormant (ReDo, Sokar et al. 2023, Def. 3.1).
+
+    Unit i's score is ``s_i = E_x|h_i(x)| / ((1/H) sum_k E_x|h_k(x)|)`` (its mean absolute
+    activation over the examples, over the layer's mean of the same); it is dormant when
+    ``s_i <= tau``. As the official code (``google/dopamine`` ``labs/redo``), the layer mean
+    gets ``+ 1e-9``, so a layer of all-zero units is all dormant for every tau >= 0.
+
+    Args:
+      features: ``(N, H)`` float, the layer's post-activation features on N examples.
+      tau: ``>= 0`` (the official code's default 0.0 counts only exactly silent units; the
+        paper's text uses 0.025 / 0.1). May be a traced scalar.
+
+    Returns:
+      float32 scalar in [0, 1].
+
+    Raises:
+      ValueError: features not 2-D; a concrete negative tau.
+    """
+    import jax.numpy as jnp
+
+    f = _as_features(features, "dormant_fraction")
+    if isinstance(tau, (int, float)) and not tau >= 0:
+        raise ValueError(f"dormant_fraction: tau must be >= 0, got {tau!r}; use 0.0 (exactly dead units) or 0.025.")
+    mean_abs = jnp.mean(jnp.abs(f), axis=0)
+    score = mean_abs / (jnp.mean(mean_abs) + _EPS)
+    return jnp.mean((score <= tau).astype(jnp.float32))
+
+
+def _singular_values(features, who):
+    import jax.numpy as jnp
+
+    return jnp.linalg.svd(_as_features(features, who), compute_uv=False)
+
+
+def effective_rank(features):
+    """Effective rank (Roy & Vetterli 2007): ``exp(H(p))``, ``p_k = s_k / sum_j s_j``, H the entropy.
+
+    ``s`` are the singular values of the ``(N, H)`` feature matrix (0 log 0 = 0). A rank-1
+    matrix gives 1, a matrix with ``d`` equal nonzero singular values gives ``d``; the
+    all-zero matrix gives 1 (by the 1e-9 guard). Same as ``compute_effective_rank`` of the
+    loss-of-plasticity code (Dohare et al. 2024, ``lop/utils/miscellaneous.py``).
+
+    Returns: float32 scalar in [1, min(N, H)]. Raises: ValueError if features are not 2-D.
+    """
+    import jax.numpy as jnp
+
+    s = _singular_values(features, "effective_rank")
+    p = s / (jnp.sum(s) + _EPS)
+    h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return jnp.exp(h)
+
+
+def stable_rank(features):
+    """Stable rank ``sum_k s_k^2 / max_k s_k^2 = ||F||_F^2 / ||F||_2^2`` of the ``(N, H)`` features.
+
+    Note: the loss-of-plasticity code and Dohare et al. (2024) call "stable rank" a different
+    quantity, Kumar et al. (2021)'s ``srank_0.01``: the smallest k whose top-k singular values
+    hold 99 % of their sum; that one is :func:`approximate_rank`.
+
+    Returns: float32 scalar in [1, min(N, H)] (0 for the zero matrix). Raises: ValueError if not 2-D.
+    """
+    import jax.numpy as jnp
+
+    s = _singular_values(features, "stable_rank")
+    return jnp.sum(s**2) / (jnp.max(s) ** 2 + _EPS)
+
+
+def approximate_rank(features, prop: float = 0.99):
+    """The loss-of-plasticity code's "stable rank" (``compute_approximate_rank``; Kumar et al. 2021's
+    srank_delta with delta = 1 - prop): the smallest k with ``sum_{i<=k} s_i >= prop * sum_i s_i``
+    (s sorted descending). Returns an int32 scalar. Raises: ValueError if features are not 2-D."""
+    import jax.numpy as jnp
+
+    s = _singular_values(features, "approximate_rank")  # descending
+    c = jnp.cumsum(s) / (jnp.sum(s) + _EPS)
+    return jnp.sum(c < prop).astype(jnp.int32) + 1
+
+
+def weight_norm(params):
+    """The global L2 norm ``sqrt(sum over every leaf of sum(w^2))`` of a params pytree (float32 scalar)."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves = jax.tree.leaves(params)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(a, jnp.float32))) for a in leaves))
+
+
+def gradient_norm(grads):
+    """The global L2 norm of a gradient pytree (as ``optax.global_norm``; float32 scalar)."""
+    return weight_norm(grads)
+
+
+def plasticity_metrics(model, params, x, y, task_id, *, tau: float = 0.0) -> dict:
+    """Every plasticity diagnostic of a network on one sample, as a flat dict of float32 scalars.
+
+    The hidden features of layer l are the inputs of layer l + 1, read from
+    ``model.apply_with_taps`` (a ``clx.core.TappedModel``: ``clx.FunctionalModel``); the first
+    tapped layer's input (the data) is skipped, and so is every tap with more rows than
+    examples (a Conv layer's im2col patches are not per-unit features). Keys:
+
+    - ``"dormant_fraction/<layer>"``, ``"effective_rank/<layer>"``, ``"stable_rank/<layer>"``
+      for each hidden layer, named by the params path of the layer that produces the
+      features (``layers/0`` for the input of ``layers/1/kernel``);
+    - ``"dormant_fraction"``: over all hidden units of the network together (ReDo's count);
+      ``"effective_rank"``, ``"stable_rank"``: the mean over the hidden layers;
+    - ``"weight_norm"``; ``"gradient_norm"``: of the mean cross-entropy of ``(x, y)``;
+    - ``"accuracy"``: on ``(x, y)``.
+
+    Args:
+      model: a TappedModel; params its params.
+      x: ``(N, ...)`` float32 inputs, y: ``(N,)`` int labels, task_id: int scalar or (N,).
+      tau: ReDo's dormancy threshold (>= 0).
+
+    Jit-able (``jax.jit(functools.partial(plasticity_metrics, model))``) and vmappable over params.
+
+    Raises:
+      ValueError: the model has no ``apply_with_taps`` (names the fix); a negative tau.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    if not hasattr(model, "apply_with_taps"):
+        raise ValueError(
+            f"plasticity_metrics needs a model with layer taps (clx.core.TappedModel: apply_with_taps), got "
+            f"{type(model).__name__}; build it with clx.FunctionalModel."
+        )
+    if isinstance(tau, (int, float)) and not tau >= 0:
+        raise ValueError(f"plasticity_metrics: tau must be >= 0, got {tau!r}.")
+    logits, inputs = model.apply_with_taps(params, x, task_id)
+    n = x.shape[0]
+    keys = list(inputs)
+    out, hidden = {}, []
+    for prev, key in zip(keys[:-1], keys[1:]):
+        f = inputs[key]
+        if f.shape[0] != n:  # a Conv's patches
+            continue
+        name = prev[: -len("/kernel")] if prev.endswith("/kernel") else prev
+        out[f"dormant_fraction/{name}"] = dormant_fraction(f, tau)
+        out[f"effective_rank/{name}"] = effective_rank(f)
+        out[f"stable_rank/{name}"] = stable_rank(f)
+        hidden.append(f)
+    if hidden:
+        mean_abs = jnp.concatenate([jnp.mean(jnp.abs(f), axis=0) / (jnp.mean(jnp.abs(f)) + _EPS) for f in hidden])
+        out["dormant_fraction"] = jnp.mean((mean_abs <= tau).astype(jnp.float32))
+        out["effective_rank"] = jnp.mean(jnp.stack([out[k] for k in out if k.startswith("effective_rank/")]))
+        out["stable_rank"] = jnp.mean(jnp.stack([out[k] for k in out if k.startswith("stable_rank/")]))
+    out["weight_norm"] = weight_norm(params)
+
+    def loss(p):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x, task_id), y))
+
+    out["gradient_norm"] = gradient_norm(jax.grad(loss)(params))
+    out["accuracy"] = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    return out
