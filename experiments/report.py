@@ -261,3 +261,263 @@ def write_summary(workdir: str | os.PathLike, rows: Mapping[str, Mapping[str, An
     _atomic_write(workdir / SUMMARY_JSON, json_bytes)
     _atomic_write(workdir / SUMMARY_TXT, table.encode("utf-8"))
     return table
+
+
+# ---------------------------------------------------------------------------------------
+# a report over several runs: ``python -m experiments.report RUNS... [--out DIR]``
+
+# Config keys that differ between runs of one setup without changing the setup: seeds,
+# bookkeeping, which methods ran. Everything else must agree for runs to share a table.
+_NOT_SETUP = ("seed", "seeds", "progress", "checkpoint", "method", "sweep", "workdir")
+REPORT_FILE = "REPORT.md"
+_REPORT_COLUMNS = (
+    ("acc", "ACC %", 100.0),
+    ("bwt", "BWT %", 100.0),
+    ("fwt", "FWT %", 100.0),
+    ("forgetting", "forgetting %", 100.0),
+    ("learning_accuracy", "learning acc %", 100.0),
+    ("wall_seconds", "wall s", 1.0),
+)
+
+
+def find_results(runs) -> list[pathlib.Path]:
+    """Every ``results.json`` under the given workdirs (or the files themselves), sorted.
+
+    Raises:
+      ValueError: a path that does not exist, or no ``results.json`` anywhere under the paths.
+    """
+    found = []
+    for run in runs:
+        p = pathlib.Path(run)
+        if not p.exists():
+            raise ValueError(f"report: {str(p)!r} does not exist; pass experiment workdirs (or results.json files).")
+        found += [p] if p.is_file() else sorted(p.rglob(RESULTS_FILE))
+    if not found:
+        raise ValueError(
+            f"report: no {RESULTS_FILE} under {[str(r) for r in runs]}; run an experiment first "
+            "(python -m experiments.main --config ... --workdir DIR) and pass its DIR."
+        )
+    return sorted(set(found))
+
+
+def _setup(results: Mapping[str, Any], method_names) -> dict:
+    """The part of a run's config that defines its benchmark (seeds, bookkeeping and method blocks removed)."""
+    config = dict(results.get("config") or {})
+    for k in (*_NOT_SETUP, *method_names):
+        config.pop(k, None)
+    return config
+
+
+def _row_label(results: Mapping[str, Any]) -> tuple:
+    """(method, its config block, sweep value): runs that differ only in the seed share a row."""
+    method = results.get("method") or "?"
+    block = (results.get("config") or {}).get(method)
+    member = results.get("member") or {}
+    swept = {k: v for k, v in member.items() if k not in ("seed", "members")}
+    return method, json.dumps(block, sort_keys=True, default=str), json.dumps(swept, sort_keys=True)
+
+
+def collect(runs) -> list[dict]:
+    """Groups the runs' results into tables: one per setup, one row per (method, method config, swept value).
+
+    Returns:
+      ``[{"setup": dict, "rows": [{"label", "method", "runs": [results...], "stats": {metric: (mean, std, n)}}]}]``,
+      means and standard deviations (ddof=0) over the row's runs (its seeds), metrics as fractions.
+
+    Raises:
+      ValueError: as :func:`find_results`, or a results.json without an accuracy matrix.
+    """
+    paths = find_results(runs)
+    loaded = []
+    for p in paths:
+        r = load_results(p)
+        if "accuracy_matrix" not in r:
+            raise ValueError(f"report: {p} has no accuracy_matrix; is it a clx results.json?")
+        r["_path"] = str(p)
+        loaded.append(r)
+    method_names = {r.get("method") for r in loaded}
+    tables: dict[str, dict] = {}
+    for r in loaded:
+        setup = _setup(r, method_names)
+        table = tables.setdefault(json.dumps(setup, sort_keys=True, default=str), {"setup": setup, "rows": {}})
+        table["rows"].setdefault(_row_label(r), []).append(r)
+    out = []
+    for table in tables.values():
+        rows = []
+        labels = list(table["rows"])
+        for label in labels:
+            group = table["rows"][label]
+            method, block, swept = label
+            name = method
+            if sum(1 for m, _, _ in labels if m == method) > 1:  # same method, other settings: say which
+                extra = {**json.loads(swept)}
+                if not extra:
+                    extra = {k: v for k, v in (json.loads(block) or {}).items() if _differs(labels, method, k, v)}
+                name += " (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")"
+            stats = {}
+            for key, _, _ in _REPORT_COLUMNS:
+                vals = [float(g[key]) for g in group if g.get(key) is not None]
+                vals = [v for v in vals if not math.isnan(v)]
+                stats[key] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else (math.nan, math.nan, 0)
+            rows.append({"label": name, "method": method, "runs": group, "stats": stats})
+        out.append({"setup": table["setup"], "rows": rows})
+    return out
+
+
+def _differs(labels, method, key, value) -> bool:
+    return any(m == method and (json.loads(b) or {}).get(key) != value for m, b, _ in labels)
+
+
+def _setup_title(setup: Mapping[str, Any]) -> str:
+    stream = setup.get("stream") or {}
+    model = setup.get("model") or {}
+    train = setup.get("train") or {}
+    parts = [
+        f"data {(setup.get('data') or {}).get('source', '?')}",
+        f"stream {stream.get('kind', '?')} x {stream.get('num_tasks', '?')} tasks",
+        f"model {model.get('kind', 'mlp')} {tuple(model.get('hidden', ()))}",
+        f"{train.get('optimizer', '?')} lr {train.get('lr', '?')}, batch {train.get('batch_size', '?')}, "
+        f"{train.get('epochs', '?')} epochs",
+    ]
+    return "; ".join(parts)
+
+
+def _mean_matrix(group) -> np.ndarray:
+    stacked = np.stack([_matrix(g) for g in group])
+    with np.errstate(invalid="ignore"):  # all-NaN cells (never evaluated) stay NaN
+        return np.where(np.isnan(stacked).all(0), np.nan, np.nansum(stacked, 0) / np.sum(~np.isnan(stacked), 0))
+
+
+def _acc_by_tasks(R: np.ndarray) -> np.ndarray:
+    """ACC after each task i: the mean of R[i, :i+1] (the seen tasks)."""
+    return np.array([np.nanmean(R[i, : i + 1]) for i in range(R.shape[0])])
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: pathlib.Path) -> None:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _atomic_write(path, buf.getvalue())
+
+
+def _report_figures(table: dict, out: pathlib.Path, prefix: str) -> list[str]:
+    """ACC against the number of tasks, and each task's accuracy over the stream, one line per row."""
+    names = []
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for row in table["rows"]:
+        curves = np.stack([_acc_by_tasks(_matrix(g)) for g in row["runs"]])
+        mean, std = 100 * curves.mean(0), 100 * curves.std(0)
+        x = np.arange(1, len(mean) + 1)
+        ax.plot(x, mean, marker="o", ms=3, label=row["label"])
+        if len(curves) > 1:
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("number of tasks trained")
+    ax.set_ylabel("ACC on the tasks seen so far (%)")
+    ax.set_title("ACC against the number of tasks (mean over seeds, band: std)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    names.append(f"{prefix}acc_vs_tasks.png")
+    _save(fig, out / names[-1])
+
+    rows = table["rows"]
+    fig = _figure()
+    fig.set_size_inches(4.0 * min(len(rows), 3) + 1.5, 3.4 * ((len(rows) + 2) // 3))
+    for k, row in enumerate(rows):
+        ax = fig.add_subplot((len(rows) + 2) // 3, min(len(rows), 3), k + 1)
+        R = 100 * _mean_matrix(row["runs"])
+        for j in range(R.shape[1]):
+            ax.plot(np.arange(j, R.shape[0]) + 1, R[j:, j], marker=".", label=f"task {j}")
+        ax.set_ylim(0, 100)
+        ax.set_title(row["label"], fontsize=9)
+        ax.set_xlabel("after training task")
+        ax.set_ylabel("accuracy (%)")
+    if rows:
+        fig.axes[-1].legend(loc="lower left", fontsize=6, ncol=2)
+    names.append(f"{prefix}task_accuracy.png")
+    _save(fig, out / names[-1])
+    return names
+
+
+def build_report(runs, out) -> str:
+    """Writes ``REPORT.md`` and its figures into ``out``; returns the Markdown.
+
+    One table per setup (runs whose configs differ beyond the seeds and the method
+    blocks are never averaged together: each setup gets its own table, titled by its
+    stream, model and optimizer), one row per method and method config, each metric's
+    mean ± std over the row's seeds (ddof=0) and the number of seeds; below each table
+    ACC against the number of tasks and every task's accuracy after each training task
+    (PNG). Each run's own accuracy-matrix heatmap is linked.
+
+    Raises:
+      ValueError: no results under ``runs``, a missing path, a results.json without an
+        accuracy matrix (nothing is written then).
+    """
+    tables = collect(runs)  # every error before anything is written
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Report over {len(runs)} workdir(s)", ""]
+    if len(tables) > 1:
+        lines += [f"The runs hold {len(tables)} different setups; each has its own table (never averaged).", ""]
+    for k, table in enumerate(tables):
+        lines += [f"## Setup {k + 1}: {_setup_title(table['setup'])}", ""]
+        header = ["method", "runs"] + [title for _, title, _ in _REPORT_COLUMNS]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in table["rows"]:
+            n = len(row["runs"])
+            cells = [row["label"], str(n)]
+            for key, _, scale in _REPORT_COLUMNS:
+                mean, std, count = row["stats"][key]
+                if count == 0:
+                    cells.append("n/a")
+                elif count > 1:
+                    cells.append(f"{scale * mean:.2f} ± {scale * std:.2f}")
+                else:
+                    cells.append(f"{scale * mean:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for name in _report_figures(table, out, prefix=f"setup{k + 1}_"):
+            lines += [f"![{name}]({name})", ""]
+        heatmaps = []
+        for row in table["rows"]:
+            for g in row["runs"]:
+                png = pathlib.Path(g["_path"]).with_name(PNG_FILE)
+                if png.exists():
+                    heatmaps.append(f"[{row['label']}]({os.path.relpath(png, out)})")
+        if heatmaps:
+            lines += ["Accuracy matrices: " + ", ".join(heatmaps), ""]
+    text = "\n".join(lines)
+    _atomic_write(out / REPORT_FILE, text.encode("utf-8"))
+    return text
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description="A Markdown report (tables of ACC, BWT, FWT, forgetting, learning accuracy, wall time; "
+        "mean ± std over seeds) and PNG figures over one or more experiment workdirs.",
+    )
+    parser.add_argument("runs", nargs="+", help="experiment workdirs (searched recursively for results.json)")
+    parser.add_argument("--out", default=None, help="where REPORT.md and the figures go (default: RUNS[0]/report)")
+    args = parser.parse_args(argv)
+    out = args.out or os.path.join(args.runs[0], "report")
+    try:
+        text = build_report(args.runs, out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(text)
+    print(f"-> {os.path.join(out, REPORT_FILE)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -179,3 +179,41 @@ def test_write_summary(tmp_path):
     assert summary["ewc"]["acc"] == 0.9016 and math.isnan(summary["ewc"]["fwt"])
     assert summary["gpm"]["config"]["hidden"] == [100, 100]
     assert sorted(os.listdir(tmp_path)) == ["summary.json", "summary.txt"]
+
+
+def _run(root, method, seed, acc_last, lr=0.01):
+    R = np.array([[0.9, nan], [acc_last, 0.95]])
+    results = _results(
+        method=method,
+        accuracy_matrix=R,
+        acc=(acc_last + 0.95) / 2,
+        bwt=acc_last - 0.9,
+        config={"train": {"lr": lr}, "seed": seed, method: {"lam": 1.0}},
+        member={"seed": seed, "members": 2},
+    )
+    report.write_results(root / method / f"seed_{seed}", results)
+
+
+def test_report_over_workdirs_gives_mean_and_std_per_method_and_separates_setups(tmp_path):
+    _run(tmp_path / "a", "ewc", 0, 0.70)
+    _run(tmp_path / "a", "ewc", 1, 0.80)
+    _run(tmp_path / "b", "ewc", 0, 0.50, lr=0.1)  # another setup: its own table
+    out = tmp_path / "report"
+    text = report.build_report([tmp_path / "a", tmp_path / "b"], out)
+    assert "2 different setups" in text
+    first = next(line for line in text.splitlines() if line.startswith("| ewc | 2 |"))
+    acc_mean, acc_std = 100 * np.mean([0.825, 0.875]), 100 * np.std([0.825, 0.875])
+    assert f"{acc_mean:.2f} ± {acc_std:.2f}" in first
+    assert any(line.startswith("| ewc | 1 | 72.50") for line in text.splitlines())
+    for name in ("setup1_acc_vs_tasks.png", "setup1_task_accuracy.png", "setup2_acc_vs_tasks.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "REPORT.md").read_text() == text
+
+
+def test_report_over_a_directory_without_results_raises_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no results.json"):
+        report.build_report([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(ValueError, match="does not exist"):
+        report.build_report([tmp_path / "missing"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
