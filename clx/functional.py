@@ -157,11 +157,12 @@ class FunctionalModel:
         return shapes
 
 
-def _record(key: str, flat: jax.Array, inputs: dict, perturbations: dict | None) -> None:
+def _record(key: str, flat: jax.Array, inputs: dict, perturbations: dict | None, kind: str) -> None:
+    """Stores a layer's (N, d) inputs under ``key`` (appending the rows of a repeated call)."""
     if key in inputs:
         if perturbations is not None:
             raise ValueError(
-                f"Conv layer {key!r} is applied more than once; factored gradients need one call "
+                f"{kind} layer {key!r} is applied more than once; factored gradients need one call "
                 "per layer. Use a rule that does not declare 'taps'."
             )
         flat = jnp.concatenate([inputs[key], flat], axis=0)
@@ -176,19 +177,8 @@ def _perturb(key: str, out: jax.Array, perturbations: dict | None) -> jax.Array:
 
 def _tap(key: str, dot_general: Callable, inputs: dict, perturbations: dict | None) -> Callable:
     def tapped(lhs, rhs, *args, **kwargs):
-        flat = lhs.reshape(-1, lhs.shape[-1])
-        if key in inputs:
-            if perturbations is not None:
-                raise ValueError(
-                    f"Dense layer {key!r} is applied more than once; factored gradients need one call "
-                    "per layer. Use a rule that does not declare 'taps'."
-                )
-            flat = jnp.concatenate([inputs[key], flat], axis=0)
-        inputs[key] = flat
-        out = dot_general(lhs, rhs, *args, **kwargs)
-        if perturbations is not None and key in perturbations:
-            out = out + perturbations[key].reshape(out.shape)
-        return out
+        _record(key, lhs.reshape(-1, lhs.shape[-1]), inputs, perturbations, "Dense")
+        return _perturb(key, dot_general(lhs, rhs, *args, **kwargs), perturbations)
 
     return tapped
 
@@ -305,7 +295,7 @@ def _conv_tap(key: str, conv: Callable, inputs: dict, perturbations: dict | None
             tuple(lhs_dilation or ones),
             tuple(rhs_dilation or ones),
         )
-        _record(key, flat, inputs, perturbations)
+        _record(key, flat, inputs, perturbations, "Conv")
         out = conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, *args, **kwargs)
         return _perturb(key, out, perturbations)
 
