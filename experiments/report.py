@@ -270,14 +270,7 @@ def write_summary(workdir: str | os.PathLike, rows: Mapping[str, Mapping[str, An
 # bookkeeping, which methods ran. Everything else must agree for runs to share a table.
 _NOT_SETUP = ("seed", "seeds", "progress", "checkpoint", "method", "sweep", "workdir")
 REPORT_FILE = "REPORT.md"
-_REPORT_COLUMNS = (
-    ("acc", "ACC %", 100.0),
-    ("bwt", "BWT %", 100.0),
-    ("fwt", "FWT %", 100.0),
-    ("forgetting", "forgetting %", 100.0),
-    ("learning_accuracy", "learning acc %", 100.0),
-    ("wall_seconds", "wall s", 1.0),
-)
+_REPORT_COLUMNS = tuple((key, title, scale) for key, title, scale, _ in _SUMMARY_COLUMNS)  # the same metrics
 
 
 def find_results(runs) -> list[pathlib.Path]:
@@ -350,7 +343,7 @@ def collect(runs) -> list[dict]:
             method, block, swept = label
             name = method
             if sum(1 for m, _, _ in labels if m == method) > 1:  # same method, other settings: say which
-                extra = {**json.loads(swept)}
+                extra = json.loads(swept)
                 if not extra:
                     extra = {k: v for k, v in (json.loads(block) or {}).items() if _differs(labels, method, k, v)}
                 name += " (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")"
