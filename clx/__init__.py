@@ -35,7 +35,7 @@ from clx.hnet import (
     recurrent_hypernetwork,
 )
 from clx.models import MLP
-from clx.projection import GPMState, gpm
+from clx.projection import GPMState, SGPState, gpm, sgp
 from clx.regularization import (
     EWCState,
     L2State,
@@ -77,8 +77,10 @@ __all__ = [
     "hnet",
     # projection: subspaces and GPM
     "GPMState",
+    "SGPState",
     "Subspace",
     "gpm",
+    "sgp",
     "subspace",
     # regularization
     "EWCState",

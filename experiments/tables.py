@@ -16,7 +16,9 @@ Tables (the published values and where they come from are in each config's docst
   200 / 500 / 5120 (``configs/split_mnist_derpp.py``);
 - ``split_mnist_vdv``: van de Ven & Tolias 2019, Split MNIST in the three scenarios
   (``configs/split_mnist_vdv.py``);
-- ``pmnist_baselines``: GPM's Permuted-MNIST table (``configs/pmnist_baselines.py``).
+- ``pmnist_baselines``: GPM's Permuted-MNIST table (``configs/pmnist_baselines.py``);
+- ``pmnist_projection``: the gradient-projection family on GPM's Permuted-MNIST setup
+  (``configs/pmnist_projection.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ TABLES: dict[str, dict[str, tuple]] = {
             "agem": 83.51,
             "gem": 83.55,
             "ewc": 90.16,
+        }.items()
+    },
+    "pmnist_projection": {
+        m: ("pmnist_projection", None, m, acc, _GPM)
+        for m, acc in {
+            "gpm": 93.91,
+            "sgp": None,  # Saha & Roy 2023 report no Permuted-MNIST number
         }.items()
     },
 }

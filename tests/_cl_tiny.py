@@ -60,13 +60,13 @@ if __name__ == "__main__":  # python tests/_cl_tiny.py CKPT_DIR KILL_TASK OUT.np
 
 
 def digits_config(method):
-    """The digits experiment config cut to 2 tasks x 1 epoch (GPM on 50 samples, no progress bars)."""
+    """The digits experiment config cut to 2 tasks x 1 epoch (GPM and SGP on 50 samples, no progress bars)."""
     from experiments.configs import digits_default
 
     c = digits_default.get_config()
     c.method = method
     c.stream.num_tasks = 2
     c.train.epochs = 1
-    c.gpm.num_samples = 50
+    c.gpm.num_samples = c.sgp.num_samples = 50
     c.progress = False
     return c

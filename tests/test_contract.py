@@ -33,8 +33,9 @@ def _registered(name):
     def build():
         config = _cl_tiny.digits_config(name)
         config.model.hidden = (16,)
-        config.gpm.threshold = (0.9, 0.9)  # one value per layer of this model
-        config.gpm.num_samples = 24  # the evidence sample below
+        for block in ("gpm", "sgp"):  # GPM's memory: one threshold per layer of this model
+            config[block].threshold = (0.9, 0.9)
+            config[block].num_samples = 24  # the evidence sample below
         if "hnet" in config:
             config.hnet.chunk_dim = 500
             config.hnet.hidden = (8,)
@@ -59,6 +60,7 @@ CONTRACT = {
     "finetune": _registered("finetune"),
     "joint": _registered("joint"),
     "gpm": _registered("gpm"),
+    "sgp": _registered("sgp"),
     "hnet": _registered("hnet"),
     "ewc": _registered("ewc"),
     "online_ewc": _registered("online_ewc"),

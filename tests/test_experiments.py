@@ -211,6 +211,7 @@ METHOD_RUNS = [
     ("finetune", {}),
     ("joint", {}),
     ("gpm", {}),
+    ("sgp", {}),
     ("ewc", {"ewc.lam": 1.0}),
     ("online_ewc", {"online_ewc.lam": 1.0}),
     ("si", {"si.c": 1.0}),

@@ -1,8 +1,20 @@
 """The gradient-projection family: a layer's gradient is projected out of the
-input-space subspaces of old tasks (GPM, Saha et al. 2021), on the shared toolkit
-``clx.subspace``. Each method lives in its own private module."""
+input-space subspaces of old tasks (GPM, Saha et al. 2021; SGP, Saha & Roy 2023,
+scales the projection per direction), on the shared toolkit ``clx.subspace``.
+Each method lives in its own private module."""
 
 from clx.projection._common import check_per_layer, kernel_paths, per_layer, project_kernel
 from clx.projection._gpm import GPMState, gpm
+from clx.projection._sgp import SGPState, sgp, sgp_importance
 
-__all__ = ["GPMState", "check_per_layer", "gpm", "kernel_paths", "per_layer", "project_kernel"]
+__all__ = [
+    "GPMState",
+    "SGPState",
+    "check_per_layer",
+    "gpm",
+    "kernel_paths",
+    "per_layer",
+    "project_kernel",
+    "sgp",
+    "sgp_importance",
+]

@@ -117,32 +117,38 @@ def gpm(
         does not match the state's subspace (names the layer and both shapes)
         or a state built on other params.
     """
+    return _memory_rule("gpm", threshold, num_samples, layers, freeze_vectors)
+
+
+def _memory_rule(name, threshold, num_samples, layers, freeze_vectors, importance=None, state_type=GPMState):
+    """GPM's rule (Algorithm 1) under the name ``name``, shared with SGP: ``importance(old, new, rep)``, when
+    given, sets the expanded subspace's per-direction importance at consolidate (GPM keeps every direction at 1)."""
     threshold = check_per_layer(threshold, sub.check_threshold)
     if not isinstance(num_samples, (dict, list, tuple)) and not callable(num_samples) and int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-    num_samples = check_num_samples(num_samples, who="gpm")
+        raise ValueError(f"{name}: num_samples must be >= 1, got {num_samples}.")
+    num_samples = check_num_samples(num_samples, who=name)
     freeze_vectors = bool(freeze_vectors)
 
     def projected(params) -> list[tuple[str, tuple[int, ...]]]:
-        return kernel_paths(params, layers, who="gpm")
+        return kernel_paths(params, layers, who=name)
 
     def thresholds(paths, task_id):
-        return per_layer(threshold, paths, task_id, sub.check_threshold, who="gpm")
+        return per_layer(threshold, paths, task_id, sub.check_threshold, who=name)
 
     def init(params):
         chosen = projected(params)
         subspaces = {p: sub.empty(shape[0]) for p, shape in chosen}
         projectors = {p: jnp.eye(shape[0], dtype=jnp.float32) for p, shape in chosen}
         thresholds([p for p, _ in chosen], 0)  # values, length and keys, checked early
-        per_layer(num_samples, [p for p, _ in chosen], 0, int, who="gpm", what="num_samples value")
-        return GPMState(subspaces, projectors)
+        per_layer(num_samples, [p for p, _ in chosen], 0, int, who=name, what="num_samples value")
+        return state_type(subspaces, projectors)
 
     def update(updates, state, params=None, *, layer_inputs=None, output_grads=None, task_id=None, **extra):
         del params, extra
         layer_inputs, output_grads = layer_inputs or {}, output_grads or {}
         if freeze_vectors and task_id is None:
             raise ValueError(
-                "gpm(freeze_vectors=True).update needs the task_id extra (the task being trained; clx.fit "
+                f"{name}(freeze_vectors=True).update needs the task_id extra (the task being trained; clx.fit "
                 "passes it): update(grads, state, params, task_id=t)."
             )
         keep = None if not freeze_vectors else (jnp.asarray(task_id) == 0)
@@ -157,14 +163,14 @@ def gpm(
                 return g
             seen.add(key)
             q = state.projectors[key]
-            check_kernel_shape("gpm", path, g, q.shape[0], layer_inputs.get(key))
+            check_kernel_shape(name, path, g, q.shape[0], layer_inputs.get(key))
             return project_kernel(g, q, layer_inputs.get(key), output_grads.get(key))
 
         out = jax.tree_util.tree_map_with_path(project, updates)
         missing = sorted(set(state.projectors) - seen)
         if missing:
             raise ValueError(
-                f"gpm: the state projects layers {missing} that the gradient does not have (it has "
+                f"{name}: the state projects layers {missing} that the gradient does not have (it has "
                 f"{sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0])}); build "
                 "the state with init on these params."
             )
@@ -175,25 +181,27 @@ def gpm(
         missing = [p for p in paths if p not in evidence.representations]
         if missing:
             raise ValueError(
-                f"gpm: the evidence has no representation matrices for {missing}; it has "
+                f"{name}: the evidence has no representation matrices for {missing}; it has "
                 f"{sorted(evidence.representations)}. The trainer records the inputs of nnx.Linear and nnx.Conv layers."
             )
         subspaces, projectors = {}, {}
-        samples = per_layer(num_samples, paths, evidence.task_id, int, who="gpm", what="num_samples value")
+        samples = per_layer(num_samples, paths, evidence.task_id, int, who=name, what="num_samples value")
         n_examples = int(evidence.x.shape[0])
         for p, th, ns in zip(paths, thresholds(paths, evidence.task_id), samples):
             rep = evidence.representations[p]
             d = state.subspaces[p].basis.shape[0]
             if rep.ndim != 2 or rep.shape[0] != d:
                 raise ValueError(
-                    f"gpm: representation of {p!r} has shape {rep.shape} but the layer's subspace lives in R^{d}; "
+                    f"{name}: representation of {p!r} has shape {rep.shape} but the layer's subspace lives in R^{d}; "
                     "it must be (d, n) = (kernel rows, examples [x positions for a conv layer])."
                 )
-            check_finite("gpm", f"representation of {p!r}", rep)
-            rep = example_columns(rep, n_examples, ns, who="gpm", path=p)
+            check_finite(name, f"representation of {p!r}", rep)
+            rep = example_columns(rep, n_examples, ns, who=name, path=p)
             s = sub.expand(state.subspaces[p], rep, th)
+            if importance is not None:
+                s = s._replace(importance=importance(state.subspaces[p], s, rep))
             subspaces[p] = s
             projectors[p] = sub.complement_projector(s)
-        return None, GPMState(subspaces, projectors)
+        return None, state_type(subspaces, projectors)
 
-    return ContinualTransformation(init, update, consolidate, needs=frozenset({"taps", "representations"}), name="gpm")
+    return ContinualTransformation(init, update, consolidate, needs=frozenset({"taps", "representations"}), name=name)
