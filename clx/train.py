@@ -97,6 +97,11 @@ class FitResult:
       losses: (T, epochs) mean training loss per epoch (the task loss plus the rule's loss terms).
       resumed_from: the checkpoint position ``{'task', 'epoch', 'step'}`` this
         run resumed from, or None if it started from scratch.
+      train_accuracy: (T, epochs) float64 online accuracy per epoch: the fraction of the epoch's
+        training examples that the params predicted correctly (argmax of the training forward pass)
+        just before the step that learned them. ``train_accuracy[:, 0]`` is the plasticity papers'
+        average online accuracy of each task (Dohare et al. 2024; Kumar et al. 2023): how well the
+        network learns a task it has not seen, as it sees it.
     """
 
     accuracy_matrix: np.ndarray
@@ -108,6 +113,7 @@ class FitResult:
     data_seconds: float
     losses: np.ndarray
     resumed_from: dict | None = None
+    train_accuracy: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +195,9 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
     The epoch's order is ``permutation(shuffle_key(key, task, epoch), n)``; the
     call scans batches ``start .. start + num_steps - 1`` of it (the last batch
     padded with zero-weight examples), ``unroll`` steps per iteration of the
-    compiled loop. Returns ``(params, rule_state, sum of per-example losses)``.
+    compiled loop. Returns ``(params, rule_state, sum of per-example losses, number of examples predicted
+    correctly)``; the prediction is the argmax of the step's own forward pass, before the step's update
+    (online accuracy).
     """
 
     def train_steps(hp, params, rule_state, x, y, task_ids, key_data, task, epoch, start, *, num_steps):
@@ -252,13 +260,14 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
                 extra["batch"] = b.replace(logits=jax.lax.stop_gradient(logits))
             updates, rule_state = rule.update(grads, rule_state, params, task_id=task_id, **extra)
             check_like_params(rule, updates, params)  # at trace time only
-            return (optax.apply_updates(params, updates), rule_state), loss * jnp.sum(bw)
+            hit = jnp.sum(bw * (jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == b.y))
+            return (optax.apply_updates(params, updates), rule_state), (loss * jnp.sum(bw), hit)
 
         steps = start + jnp.arange(idx.shape[0], dtype=jnp.int32)
-        (params, rule_state), losses = jax.lax.scan(
+        (params, rule_state), (losses, hits) = jax.lax.scan(
             step, (params, rule_state), (idx, w, steps), unroll=min(unroll, idx.shape[0])
         )
-        return params, rule_state, jnp.sum(losses)
+        return params, rule_state, jnp.sum(losses), jnp.sum(hits)
 
     return train_steps
 
@@ -365,7 +374,7 @@ def _programs(
     def train_steps(num_steps: int):
         f = functools.partial(steps_body, num_steps=num_steps)
         axes = (0, 0, 0, None, None, None, 0, None, None, None)
-        return program(f, axes, (p_shard, s_shard, rep), donate_argnums=(1, 2))
+        return program(f, axes, (p_shard, s_shard, rep, rep), donate_argnums=(1, 2))
 
     evidence = program(_evidence_body(model, "representations" in needs), (0, 0, None), rep)
 
@@ -638,7 +647,7 @@ def fit_members(
 
     Returns:
       A FitResult whose arrays have a leading member axis: accuracy_matrix
-      (M, T, T), random_baseline (M, T), losses (M, T, epochs); params and
+      (M, T, T), random_baseline (M, T), losses and train_accuracy (M, T, epochs); params and
       rule_state stacked.
 
     Raises:
@@ -725,9 +734,11 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
 
     acc = np.full((*lead, T, T), np.nan)
     losses = np.full((*lead, T, opts.epochs), np.nan)
+    train_acc = np.full((*lead, T, opts.epochs), np.nan)
     baseline = np.full((*lead, T), np.nan)
     initial = jax.tree.map(jnp.copy, params)  # train steps donate params; b_j needs the untrained ones
     loss_partial = np.zeros(lead)
+    hits_partial = np.zeros(lead)
 
     # --- checkpoint / resume ---
     ck = opts.checkpoint
@@ -759,6 +770,8 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             "random_baseline": baseline,
             "losses": losses,
             "loss_partial": loss_partial,
+            "train_accuracy": train_acc,
+            "hits_partial": hits_partial,
         }
 
     if ckpt is not None:
@@ -770,6 +783,8 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
                 np.asarray(tree[k], np.float64) for k in ("accuracy_matrix", "random_baseline", "losses")
             )
             loss_partial = np.asarray(tree["loss_partial"], np.float64).reshape(lead)
+            train_acc = np.asarray(tree["train_accuracy"], np.float64)
+            hits_partial = np.asarray(tree["hits_partial"], np.float64).reshape(lead)
             pos = {k: int(meta["position"][k]) for k in ("task", "epoch", "step")}
             resumed_from = dict(pos)
             prior_wall, prior_train = float(meta.get("wall_seconds", 0.0)), float(meta.get("train_seconds", 0.0))
@@ -821,11 +836,11 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             for e in range(first_epoch, opts.epochs):
                 step = pos["step"] if t == pos["task"] and e == first_epoch else 0
                 if step == 0:
-                    loss_partial = np.zeros(lead)
+                    loss_partial, hits_partial = np.zeros(lead), np.zeros(lead)
                 while step < nb:
                     k = nb - step if every == 0 else min(every, nb - step)
                     s = time.perf_counter()
-                    params, state, loss_sum = programs.train_steps(k)(
+                    params, state, loss_sum, hits = programs.train_steps(k)(
                         hp, params, state, x, y, ids, key_data, np.int32(t), np.int32(e), np.int32(step)
                     )
                     loss_sum = host(loss_sum)
@@ -836,11 +851,13 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
                             "lower train.lr or check the inputs."
                         )
                     loss_partial = loss_partial + loss_sum
+                    hits_partial = hits_partial + host(hits)
                     step += k
                     if every and not (step == nb and e == opts.epochs - 1):  # the task-end save follows that one
                         save({"task": t, "epoch": e, "step": step})  # step == nb: epoch e done, its loss not stored
                 losses[..., t, e] = loss_partial / n
-                loss_partial = np.zeros(lead)
+                train_acc[..., t, e] = hits_partial / n
+                loss_partial, hits_partial = np.zeros(lead), np.zeros(lead)
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(np.mean(losses[..., t, e])):.4f}")
             bar.close()
@@ -874,7 +891,16 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         if ckpt is not None:
             ckpt.close()
     return FitResult(
-        acc, baseline, params, state, wall(), prior_train + train_seconds, data.seconds, losses, resumed_from
+        acc,
+        baseline,
+        params,
+        state,
+        wall(),
+        prior_train + train_seconds,
+        data.seconds,
+        losses,
+        resumed_from,
+        train_acc,
     )
 
 
@@ -910,7 +936,13 @@ def make_train_steps_fn(model, rule, batch_size: int, *, member_axis: str | None
         rule = as_continual(rule, who="make_train_steps_fn")
         rule_fn = lambda hp: rule  # noqa: E731
     needs = rule_fn(0.0).needs
-    return _programs(model, rule_fn, needs, FitOptions(1, batch_size), member_axis, None).train_steps
+    programs = _programs(model, rule_fn, needs, FitOptions(1, batch_size), member_axis, None).train_steps
+
+    def train_steps(num_steps: int):
+        run = programs(num_steps)
+        return lambda *args: run(*args)[:3]
+
+    return train_steps
 
 
 def make_epoch_fn(model, rule: ContinualTransformation, batch_size: int):
@@ -935,7 +967,7 @@ def make_epoch_fn(model, rule: ContinualTransformation, batch_size: int):
 
     def epoch(params, rule_state, x, y, task_ids, key):
         n = x.shape[0]
-        params, rule_state, total = body(
+        params, rule_state, total, _ = body(
             None,
             params,
             rule_state,

@@ -238,6 +238,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
                 result.accuracy_matrix,
                 result.random_baseline,
                 result.losses,
+                result.train_accuracy,
                 method.results(result.rule_state, None),
             )
         ]
@@ -259,12 +260,13 @@ def _run_method(method, plan, config, out, on_save) -> dict:
                 result.accuracy_matrix[m],
                 result.random_baseline[m],
                 result.losses[m],
+                result.train_accuracy[m],
                 method.results(result.rule_state, m),
             )
             for m, (s, v) in enumerate(members)
         ]
     member_rows = {}
-    for who, acc, baseline, losses, method_results in per_member:
+    for who, acc, baseline, losses, train_acc, method_results in per_member:
         results = {
             "method": name,
             "accuracy_matrix": acc,
@@ -274,6 +276,10 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             "train_seconds": result.train_seconds,
             "data_seconds": result.data_seconds,
             "epoch_losses": losses,
+            # online accuracy per (task, epoch): the params' accuracy on each training example just before the
+            # step that learned it; online_acc is its mean over tasks in the first epoch (the plasticity metric)
+            "epoch_train_accuracy": train_acc,
+            "online_acc": float(np.mean(train_acc[:, 0])),
             "config": config.to_dict(),
             "environment": environment(),
             **extra,

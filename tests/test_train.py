@@ -120,6 +120,41 @@ def test_epoch_is_a_hand_written_sgd_loop_over_the_named_shuffle_with_the_last_b
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(other))) > 1e-3
 
 
+def test_online_accuracy_counts_predictions_made_before_each_step():
+    n, lr, task, epoch = 53, 0.5, 1, 0
+    model, params = _model()
+    tr = _stream(1, n).task(0)
+    x, y = jnp.asarray(tr.x_train), jnp.asarray(tr.y_train)
+    key = jax.random.key(5)
+    rule = clx.chain(optax.sgd(lr))
+    body = clx.train._train_steps_fn(model, lambda hp: rule, B)
+    run = jax.jit(functools.partial(body, num_steps=6))
+    ids = jnp.zeros(n, jnp.int32)
+    _, _, _, hits = run(None, _copy(params), rule.init(params), x, y, ids, jax.random.key_data(key), task, epoch, 0)
+
+    order = np.asarray(jax.random.permutation(shuffle_key(key, task, epoch), n))
+    grad = jax.jit(jax.value_and_grad(lambda p, xb, yb: _mean_ce(model, p, xb, yb)))
+    want, p = 0, params
+    for i in range(6):
+        bi = order[i * B : (i + 1) * B]
+        want += int(np.sum(np.argmax(np.asarray(model.apply(p, x[bi])), -1) == np.asarray(y[bi])))
+        _, g = grad(p, x[bi], y[bi])
+        p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+    assert int(hits) == want  # padding examples (7 in the last batch) are not counted
+    # an accuracy after the steps would differ: the params learn the examples they are scored on
+    after = int(np.sum(np.argmax(np.asarray(model.apply(p, x)), -1) == np.asarray(y)))
+    assert after > want
+
+
+def test_fit_reports_online_accuracy_per_task_and_epoch():
+    model, params = _model()
+    r = fit(model, params, optax.sgd(0.5), _stream(2, 40), epochs=3, batch_size=B, progress=False)
+    assert r.train_accuracy.shape == (2, 3)
+    assert np.all((r.train_accuracy >= 0) & (r.train_accuracy <= 1))
+    assert np.all(r.train_accuracy[:, -1] > r.train_accuracy[:, 0])  # learning within each task
+    np.testing.assert_allclose(r.train_accuracy * 40, np.round(r.train_accuracy * 40), atol=1e-9)  # counts / n
+
+
 def test_an_epoch_in_two_calls_equals_one_call_and_make_epoch_fn_is_task0_epoch0():
     model, params = _model()
     tr = _stream(1, 33).task(0)
