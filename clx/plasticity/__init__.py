@@ -2,4 +2,19 @@
 UPGD, spectral regularization), as rules that move the params at task boundaries
 or perturb the update. One private module per method, re-exported here."""
 
-__all__: list[str] = []
+from clx.plasticity._l2_init import L2InitState, l2_init
+from clx.plasticity._shrink_perturb import (
+    ShrinkPerturbState,
+    ShrinkPerturbStepsState,
+    shrink_perturb,
+    shrink_perturb_steps,
+)
+
+__all__ = [
+    "L2InitState",
+    "ShrinkPerturbState",
+    "ShrinkPerturbStepsState",
+    "l2_init",
+    "shrink_perturb",
+    "shrink_perturb_steps",
+]
