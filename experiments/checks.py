@@ -80,6 +80,9 @@ RULES: dict[str, tuple[Range, str]] = {
     # methods (experiments/methods/)
     "gpm.threshold": (FRACTION, "the share of each layer's activation energy its basis keeps"),
     "gpm.num_samples": (COUNT, "examples per task in the representation matrices"),
+    "sgp.threshold": (FRACTION, "the share of each layer's activation energy its basis keeps"),
+    "sgp.num_samples": (COUNT, "examples per task in the representation matrices"),
+    "sgp.alpha": (POSITIVE, "SGP's scale coefficient of Eq. 2 (the paper: 10)"),
     "hnet.emb_dim": (COUNT, "the task embedding size"),
     "hnet.chunk_dim": (COUNT, "weights per chunk"),
     "hnet.chunk_emb_dim": (COUNT, "the chunk embedding size"),
