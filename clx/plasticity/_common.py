@@ -3,19 +3,11 @@ copies of params-shaped trees and Gaussian noise shaped like the params."""
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
+from clx.regularization._common import check_nonnegative  # noqa: F401 (one check for both families)
 from clx.tree import concrete_float
-
-
-def check_nonnegative(who: str, name: str, value) -> None:
-    """Raises ValueError for a concrete negative or non-finite value; a traced sweep value passes."""
-    v = concrete_float(value)
-    if v is not None and not (0.0 <= v < math.inf):
-        raise ValueError(f"{who}: {name} must be a finite value >= 0, got {v}; pass {name} >= 0 (0 switches it off).")
 
 
 def check_unit_interval(who: str, name: str, value) -> None:
