@@ -516,6 +516,7 @@ def test_tfds_split_reader_uses_batched_reads():
         ("split_task_il", "task_il", 2, 3),
         ("split_domain_il", "domain_il", 2, 1),
         ("split_class_il", "class_il", 6, 1),
+        ("label_permuted", "domain_il", 6, 1),
     ],
 )
 def test_stream_attributes(kind, scenario, outputs, heads):
@@ -625,6 +626,28 @@ def test_permuted_different_seed_differs(seed, num_tasks):
         assert not np.array_equal(a.task(t).x_train, b.task(t).x_train)
     if num_tasks > 1:  # tasks of one stream differ from each other too
         assert not np.array_equal(a.task(0).x_train, a.task(1).x_train)
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), num_tasks=st.integers(1, 5))
+def test_label_permuted_relabels_each_task_by_a_permutation_and_keeps_the_inputs(seed, num_tasks):
+    src = synthetic_source()
+    stream = make_stream(src, "label_permuted", num_tasks, seed)
+    perms = []
+    for t in range(num_tasks):
+        task = stream.task(t)
+        np.testing.assert_array_equal(task.x_train, src.x_train)  # inputs untouched
+        np.testing.assert_array_equal(task.x_test, src.x_test)
+        perm = np.full(src.num_classes, -1)
+        for split_src, split_task in ((src.y_train, task.y_train), (src.y_test, task.y_test)):
+            for c in range(src.num_classes):  # one label per class, the same in train and test
+                got = np.unique(split_task[split_src == c])
+                assert len(got) == 1 and perm[c] in (-1, got[0])
+                perm[c] = got[0]
+        assert sorted(perm) == list(range(src.num_classes))  # a permutation of the classes
+        perms.append(tuple(perm))
+    if num_tasks >= 3:  # 6 classes: 720 permutations, three equal draws are (nearly) impossible
+        assert len(set(perms)) > 1
 
 
 def test_random_class_order_and_subset_depend_on_seed():

@@ -2,7 +2,7 @@
 
 A :class:`TaskStream` is a sequence of :class:`Task` s made from a source,
 deterministic from a seed, each task built lazily by ``stream.task(t)`` (its test
-split alone by ``stream.test_set(t)``). :func:`make_stream` knows four kinds, named
+split alone by ``stream.test_set(t)``). :func:`make_stream` knows six kinds, named
 after the benchmarks of the field and the scenarios of van de Ven & Tolias (2019),
 "Three scenarios for continual learning" (arXiv:1904.07734):
 
@@ -22,6 +22,11 @@ kind                scenario     what changes between tasks
                                  shared head of k outputs (Split MNIST domain-IL: "first
                                  or second digit of the pair", van de Ven & Tolias 2019)
 ``split_class_il``  class_il     the same groups; one shared head over all classes
+``label_permuted``  domain_il    the inputs stay; the labels are a fixed random
+                                 permutation of the classes per task (Label-permuted
+                                 MNIST, Elsayed & Mahmood 2024, "Addressing Loss of
+                                 Plasticity and Catastrophic Forgetting in Continual
+                                 Learning": a plasticity stream, nothing to keep)
 ==================  ===========  =====================================================
 
 Each kind is one :class:`_KindSpec` entry of ``_KIND_SPECS`` (its scenario, whether
@@ -32,6 +37,10 @@ Label conventions (``Task.classes`` lists the original class ids of a task in th
 order of the stream's class order):
 
 * permuted / rotated: labels are the source labels, ``num_outputs = num_classes``.
+* label_permuted: task ``t``'s label of class ``c`` is ``perm_t[c]``, the ``t``-th of
+  ``num_tasks`` permutations of ``0..C-1`` drawn in order from
+  ``np.random.default_rng([seed, 0x1AB31])`` (task 0 is permuted too);
+  ``num_outputs = num_classes``.
 * split_task_il: label = position of the original class inside the task's group,
   ``0..k-1`` with ``k = num_classes // num_tasks``; ``num_heads = num_tasks``.
 * split_domain_il: the same labels ``0..k-1``, ``num_outputs = k``, one head.
@@ -82,8 +91,10 @@ class _KindSpec:
       head_per_task: True: ``num_heads = num_tasks``; False: one shared head.
       outputs_per_group: True: labels lie in ``0..k-1`` and ``num_outputs = k``;
         False: ``num_outputs = num_classes``.
-      labels: ``(class_order, k, num_tasks) -> lut``: an int32 ``(num_classes,)``
-        table from source label to task label, or None to keep the source labels.
+      labels: ``(class_order, k, num_tasks, seed) -> lut``: an int32 ``(num_classes,)``
+        table from source label to task label (the same for every task), an int32
+        ``(num_tasks, num_classes)`` table (row ``t`` for task ``t``), or None to keep
+        the source labels.
       inputs: ``(source, num_tasks, seed, max_angle) -> change``, called once per
         stream (it precomputes what the kind draws from ``seed``); ``change(t, x)``
         returns task ``t``'s version of the images ``x`` as a new array.
@@ -93,22 +104,32 @@ class _KindSpec:
     split: bool
     head_per_task: bool
     outputs_per_group: bool
-    labels: Callable[[tuple[int, ...], int, int], np.ndarray | None]
+    labels: Callable[[tuple[int, ...], int, int, int], np.ndarray | None]
     inputs: Callable[[Source, int, int, float], _InputChange]
 
 
-def _source_labels(class_order, k, num_tasks):
+def _source_labels(class_order, k, num_tasks, seed):
     return None
 
 
-def _labels_in_group(class_order, k, num_tasks):
+# Stream tag for the label permutations, so they are independent of the other draws.
+_LABEL_STREAM = 0x1AB31
+
+
+def _labels_permuted(class_order, k, num_tasks, seed):
+    """Label-permuted: row ``t`` is the ``t``-th permutation of the classes."""
+    rng = np.random.default_rng([seed, _LABEL_STREAM])
+    return np.stack([rng.permutation(len(class_order)) for _ in range(num_tasks)]).astype(np.int32)
+
+
+def _labels_in_group(class_order, k, num_tasks, seed):
     """Task-IL: position of the class inside its group, ``0..k-1``."""
     lut = np.full((len(class_order),), -1, np.int32)
     lut[np.asarray(class_order)] = np.tile(np.arange(k, dtype=np.int32), num_tasks)
     return lut
 
 
-def _labels_in_order(class_order, k, num_tasks):
+def _labels_in_order(class_order, k, num_tasks, seed):
     """Class-IL: position of the class in the stream's class order."""
     lut = np.full((len(class_order),), -1, np.int32)
     lut[np.asarray(class_order)] = np.arange(len(class_order), dtype=np.int32)
@@ -194,6 +215,14 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         labels=_labels_in_order,
         inputs=_unchanged,
     ),
+    "label_permuted": _KindSpec(
+        "domain_il",
+        split=False,
+        head_per_task=False,
+        outputs_per_group=False,
+        labels=_labels_permuted,
+        inputs=_unchanged,
+    ),
 }
 
 #: Stream kinds :func:`make_stream` knows, mapped to their scenario.
@@ -237,8 +266,9 @@ class TaskStream:
     cached while all of them together are small.
 
     Attributes:
-      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_domain_il' | 'split_class_il'``.
-      scenario: ``'domain_il'`` (permuted, rotated, split_domain_il), ``'task_il'`` or ``'class_il'``.
+      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_domain_il' | 'split_class_il' | 'label_permuted'``.
+      scenario: ``'domain_il'`` (permuted, rotated, split_domain_il, label_permuted), ``'task_il'`` or
+        ``'class_il'``.
       num_tasks: number of tasks ``T``.
       num_outputs: logits per head: ``num_classes`` (permuted, rotated,
         split_class_il) or ``num_classes // num_tasks`` (split_task_il, split_domain_il).
@@ -269,7 +299,7 @@ class TaskStream:
         C = source.num_classes
         self._k = C // num_tasks if spec.split else C
         self._inputs = spec.inputs(source, num_tasks, seed, max_angle)
-        self._label_map = spec.labels(class_order, self._k, num_tasks)
+        self._label_map = spec.labels(class_order, self._k, num_tasks, seed)
         cache_ok = source.x_test.nbytes * num_tasks <= _TEST_CACHE_BYTES
         self._test_cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache_ok else None
 
@@ -410,7 +440,7 @@ class TaskStream:
         """Applies task ``t``'s input change and label map; always returns new arrays."""
         x = self._inputs(t, x)
         if self._label_map is not None:
-            y = self._label_map[y]
+            y = (self._label_map[t] if self._label_map.ndim == 2 else self._label_map)[y]
         else:
             y = np.array(y, copy=True)
         return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int32)
@@ -449,6 +479,8 @@ def make_stream(
         ``t`` with labels ``0..k-1`` (task-IL: one head per task; domain-IL: one
         shared head of k outputs) or ``t*k..(t+1)*k-1`` (class-IL)
         (Zenke et al. 2017; scenarios per van de Ven & Tolias 2019).
+        ``'label_permuted'`` -- the source's images; task ``t`` relabels class ``c``
+        as ``perm_t[c]`` (see the module docs; Elsayed & Mahmood 2024).
       num_tasks: ``T >= 1``; split kinds need ``num_classes % T == 0``.
       seed: the stream's seed (permutations, random class order, subsets).
         Same seed -> byte-identical tasks.
