@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 #: "auto" (loop on a CPU without a mesh, where XLA:CPU runs batched products no faster
 #: than one after another; vmap on GPU/TPU, where they fill the device).
 MEMBER_AXES = ("auto", "vmap", "map", "loop")
+#: ``fit``'s ``evaluate``: which tasks' test sets are scored after task t.
+EVALUATE = ("seen", "current")
 
 #: Train steps per iteration of the epoch's compiled loop (``lax.scan(..., unroll=)``). At batch 10 the loop's
 #: own per-iteration cost is a large part of a step on a CPU; unrolling 4 steps cut GPM's plain PMNIST step from
@@ -102,6 +104,9 @@ class FitResult:
         just before the step that learned them. ``train_accuracy[:, 0]`` is the plasticity papers'
         average online accuracy of each task (Dohare et al. 2024; Kumar et al. 2023): how well the
         network learns a task it has not seen, as it sees it.
+      task_metrics: ``{name: (T,) float64}`` (``(M, T)`` with members), the values of ``fit``'s
+        ``task_metrics`` function on each finished task's evidence sample after ``consolidate``
+        (e.g. ``clx.metrics.plasticity_metrics``); None without one.
     """
 
     accuracy_matrix: np.ndarray
@@ -114,6 +119,7 @@ class FitResult:
     losses: np.ndarray
     resumed_from: dict | None = None
     train_accuracy: np.ndarray | None = None
+    task_metrics: dict[str, np.ndarray] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +165,8 @@ class FitOptions:
     on_save: Callable[[int, dict], None] | None = None
     member_axis: str = "auto"
     scan_unroll: int = SCAN_UNROLL
+    evaluate: str = "seen"
+    task_metrics: Callable[..., dict] | None = None
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "evidence_samples", "eval_batch_size"):
@@ -167,6 +175,16 @@ class FitOptions:
             object.__setattr__(self, "checkpoint", CheckpointOptions(self.checkpoint))
         if self.member_axis not in MEMBER_AXES:
             raise ValueError(f"member_axis must be one of {MEMBER_AXES}, got {self.member_axis!r}.")
+        if self.evaluate not in EVALUATE:
+            raise ValueError(
+                f"evaluate must be one of {EVALUATE}, got {self.evaluate!r}: 'seen' scores tasks 0..t+1 after task t "
+                "(the full accuracy matrix), 'current' only tasks t and t+1 (long streams)."
+            )
+        if self.task_metrics is not None and not callable(self.task_metrics):
+            raise TypeError(
+                f"task_metrics must be a function (params, x, y, task_id) -> dict of scalars, "
+                f"got {type(self.task_metrics).__name__}."
+            )
         _check_count("scan_unroll", self.scan_unroll)
 
 
@@ -349,6 +367,7 @@ class _Programs(NamedTuple):
     evidence: Callable
     consolidate: Callable
     accuracy: Callable
+    task_metrics: Callable | None
 
 
 def _programs(
@@ -384,7 +403,10 @@ def _programs(
 
     consolidate = program(consolidate_body, (0, 0, 0, None, 0, 0, 0), (p_shard, s_shard))
     accuracy = program(_eval_body(model, opts.eval_batch_size, batch_spec), (0, None, None, None, None))
-    return _Programs(train_steps, evidence, consolidate, accuracy)
+    task_metrics = None
+    if opts.task_metrics is not None:
+        task_metrics = program(opts.task_metrics, (0, 0, 0, None), rep)
+    return _Programs(train_steps, evidence, consolidate, accuracy, task_metrics)
 
 
 def _check_representations(reps: dict, t: int) -> None:
@@ -550,6 +572,8 @@ def fit(
     mesh=None,
     checkpoint: CheckpointOptions | str | None = None,
     on_save: Callable[[int, dict], None] | None = None,
+    evaluate: str = "seen",
+    task_metrics: Callable[..., dict] | None = None,
 ) -> FitResult:
     """Trains ``params`` on every task of ``stream`` in order with ``rule``.
 
@@ -579,6 +603,16 @@ def fit(
         from it and gives the uninterrupted run's results.
       on_save: ``on_save(checkpoint_number, position)`` after each save starts
         (tests use it to kill the process mid-run).
+      evaluate: ``"seen"`` (default): after task t, score tasks 0..t+1 (the whole
+        accuracy matrix, O(T^2) evaluations); ``"current"``: only tasks t and t+1
+        (the diagonal, for learning accuracy, and R[t, t+1] for FWT; O(T)), for the
+        long streams of the plasticity papers, where ACC, BWT and forgetting are
+        then undefined (their entries stay NaN).
+      task_metrics: optional ``task_metrics(params, x, y, task_id) -> {name: scalar}``,
+        jit-able (vmapped over members), called on each finished task's evidence
+        sample (``evidence_samples`` examples) after ``consolidate``, e.g.
+        ``functools.partial(clx.metrics.plasticity_metrics, model)``; the values
+        land in ``FitResult.task_metrics`` and in the checkpoints.
 
     Returns:
       A FitResult.
@@ -602,7 +636,18 @@ def fit(
         rate); raised before anything is written.
     """
     opts = FitOptions(
-        epochs, batch_size, evidence_samples, cumulative, eval_batch_size, progress, desc, mesh, checkpoint, on_save
+        epochs,
+        batch_size,
+        evidence_samples,
+        cumulative,
+        eval_batch_size,
+        progress,
+        desc,
+        mesh,
+        checkpoint,
+        on_save,
+        evaluate=evaluate,
+        task_metrics=task_metrics,
     )
     rule = as_continual(rule, who="fit")
     return _fit(model, [params], lambda hp: rule, None, stream, [seed], opts)
@@ -647,8 +692,8 @@ def fit_members(
 
     Returns:
       A FitResult whose arrays have a leading member axis: accuracy_matrix
-      (M, T, T), random_baseline (M, T), losses and train_accuracy (M, T, epochs); params and
-      rule_state stacked.
+      (M, T, T), random_baseline (M, T), losses and train_accuracy (M, T, epochs), task_metrics
+      {name: (M, T)}; params and rule_state stacked.
 
     Raises:
       ValueError: as ``fit``; M = 0, params / hparams / seeds of different
@@ -737,6 +782,23 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
     train_acc = np.full((*lead, T, opts.epochs), np.nan)
     baseline = np.full((*lead, T), np.nan)
     initial = jax.tree.map(jnp.copy, params)  # train steps donate params; b_j needs the untrained ones
+    metric_names = ()
+    if opts.task_metrics is not None:
+        one = jax.tree.map(lambda a: a[0], params) if members else params
+        shapes = jax.eval_shape(
+            opts.task_metrics,
+            one,
+            jax.ShapeDtypeStruct((1, *stream.input_shape), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+            jnp.int32(0),
+        )
+        if not isinstance(shapes, dict) or any(getattr(v, "shape", None) != () for v in shapes.values()):
+            raise ValueError(
+                "task_metrics must return a dict of scalars {name: float32 ()}, got "
+                f"{jax.tree.map(lambda v: getattr(v, 'shape', v), shapes)}."
+            )
+        metric_names = tuple(sorted(shapes))
+    metrics = {k: np.full((*lead, T), np.nan) for k in metric_names}
     loss_partial = np.zeros(lead)
     hits_partial = np.zeros(lead)
 
@@ -772,6 +834,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             "loss_partial": loss_partial,
             "train_accuracy": train_acc,
             "hits_partial": hits_partial,
+            **({"task_metrics": metrics} if metrics else {}),
         }
 
     if ckpt is not None:
@@ -785,6 +848,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             loss_partial = np.asarray(tree["loss_partial"], np.float64).reshape(lead)
             train_acc = np.asarray(tree["train_accuracy"], np.float64)
             hits_partial = np.asarray(tree["hits_partial"], np.float64).reshape(lead)
+            metrics = {k: np.asarray(v, np.float64) for k, v in tree.get("task_metrics", {}).items()}
             pos = {k: int(meta["position"][k]) for k in ("task", "epoch", "step")}
             resumed_from = dict(pos)
             prior_wall, prior_train = float(meta.get("wall_seconds", 0.0)), float(meta.get("train_seconds", 0.0))
@@ -869,10 +933,15 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             _check_representations(reps, t)
             params, state = programs.consolidate(hp, state, params, np.int32(t), xe, ye, reps)
 
-            # evaluate tasks 0..t+1 (R[t, t+1] and b_{t+1} give forward transfer)
+            if programs.task_metrics is not None:
+                values = jax.device_get(programs.task_metrics(params, xe, ye, np.int32(t)))
+                for k in metric_names:
+                    metrics[k][..., t] = np.asarray(values[k], np.float64)
+
+            # evaluate tasks 0..t+1 (R[t, t+1] and b_{t+1} give forward transfer), or only t and t+1
             if t + 1 < T:
                 baseline[..., t + 1] = host(programs.accuracy(initial, *data.test(t + 1), t + 1, 0))
-            for j in range(min(t + 2, T)):
+            for j in range(0 if opts.evaluate == "seen" else t, min(t + 2, T)):
                 acc[..., t, j] = host(programs.accuracy(params, *data.test(j), j, t + 1))
             log.info(
                 "%stask %d/%d done at %.1fs: mean accuracy on tasks 0..%d = %.4f",
@@ -881,7 +950,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
                 T,
                 wall(),
                 t,
-                float(np.mean(acc[..., t, : t + 1])),
+                float(np.nanmean(acc[..., t, : t + 1])),
             )
 
             # save
@@ -901,6 +970,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         losses,
         resumed_from,
         train_acc,
+        metrics if opts.task_metrics is not None else None,
     )
 
 

@@ -370,3 +370,60 @@ def test_named_prng_streams_never_collide():
         jnp.int32(2), jnp.int32(1000), jnp.int32(1)
     )
     np.testing.assert_array_equal(traced, jax.random.key_data(draws[("step", 2, 1000, 1)]))
+
+
+# --- long streams: evaluate="current" and per-task metrics ----------------------------------------------------------
+
+
+def _norm_metrics(params, x, y, task_id):
+    """A per-task metric with a known value: the weight norm, and the mean label of the evidence sample."""
+    del task_id
+    return {"weight_norm": clx.metrics.weight_norm(params), "mean_label": jnp.mean(y.astype(jnp.float32))}
+
+
+def test_evaluate_current_scores_only_tasks_t_and_t_plus_1_and_trains_the_same():
+    model, p0 = _model()
+    kw = dict(epochs=1, batch_size=B, evidence_samples=SAMPLES, progress=False)
+    full = fit(model, _copy(p0), optax.sgd(0.1), _stream(), **kw)
+    cur = fit(model, _copy(p0), optax.sgd(0.1), _stream(), evaluate="current", **kw)
+    chex.assert_trees_all_equal(cur.params, full.params)
+    for i in range(T):
+        for j in range(T):
+            if j in (i, i + 1):
+                assert cur.accuracy_matrix[i, j] == full.accuracy_matrix[i, j]
+            else:
+                assert np.isnan(cur.accuracy_matrix[i, j])
+    np.testing.assert_array_equal(cur.random_baseline[1:], full.random_baseline[1:])
+    assert clx.metrics.learning_accuracy(cur.accuracy_matrix) == clx.metrics.learning_accuracy(full.accuracy_matrix)
+    with pytest.raises(ValueError, match="R\\[2, 0\\] is NaN"):
+        clx.metrics.acc(cur.accuracy_matrix)
+
+
+def test_task_metrics_are_recorded_per_task_on_the_evidence_sample():
+    model, p0 = _model()
+    kw = dict(epochs=1, batch_size=B, evidence_samples=SAMPLES, progress=False)
+    r = fit(model, _copy(p0), optax.sgd(0.1), _stream(), task_metrics=_norm_metrics, **kw)
+    assert sorted(r.task_metrics) == ["mean_label", "weight_norm"]
+    assert r.task_metrics["weight_norm"].shape == (T,)
+    # after the last task (finetuning moves nothing at consolidate) the recorded norm is the final params'
+    np.testing.assert_allclose(r.task_metrics["weight_norm"][-1], float(clx.metrics.weight_norm(r.params)), rtol=1e-6)
+    assert len(set(r.task_metrics["weight_norm"].tolist())) == T  # the params moved between tasks
+    # with members: (M, T), member 0 equal to the plain run (same seed, same params)
+    rm = fit_members(
+        model, [_copy(p0), _model(1)[1]], lambda hp: optax.sgd(0.1), [0.0, 0.0], _stream(), seeds=[0, 1],
+        task_metrics=_norm_metrics, **kw,
+    )  # fmt: skip
+    assert rm.task_metrics["weight_norm"].shape == (2, T)
+    np.testing.assert_allclose(rm.task_metrics["weight_norm"][0], r.task_metrics["weight_norm"], rtol=1e-5)
+    np.testing.assert_allclose(rm.task_metrics["mean_label"][0], r.task_metrics["mean_label"], rtol=1e-6)
+
+
+def test_long_stream_options_are_checked_before_training():
+    model, p0 = _model()
+    kw = dict(epochs=1, batch_size=B, progress=False)
+    with pytest.raises(ValueError, match="evaluate must be one of"):
+        fit(model, p0, optax.sgd(0.1), _stream(), evaluate="all", **kw)
+    with pytest.raises(TypeError, match="task_metrics must be a function"):
+        fit(model, p0, optax.sgd(0.1), _stream(), task_metrics={"a": 1}, **kw)
+    with pytest.raises(ValueError, match="dict of scalars"):
+        fit(model, p0, optax.sgd(0.1), _stream(), task_metrics=lambda p, x, y, t: {"x": x}, **kw)
