@@ -8,7 +8,8 @@ Two layers:
   original IDX files, SHA256-checked) or any TFDS dataset.
 * :class:`TaskStream` (``clx.data._streams``): a deterministic sequence of
   :class:`Task` s made from a source by :func:`make_stream`, one of :data:`KINDS`
-  (``permuted``, ``rotated``, ``split_task_il``, ``split_domain_il``, ``split_class_il``, ``label_permuted``) with its scenario.
+  (``permuted``, ``rotated``, ``split_task_il``, ``split_domain_il``, ``split_class_il``,
+  ``label_permuted``) with its scenario.
 
 See those modules for shapes, label conventions and the errors raised.
 """
