@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -66,3 +67,17 @@ def check_task_ids(task_ids, num_tasks: int, what: str = "tasks") -> None:
         f"unknown task id {{bad}}: the model has {num_tasks} {what} (tasks 0..{num_tasks - 1})",
         bad=first_bad,
     )
+
+
+def check_nonnegative(who: str, name: str, value) -> None:
+    """Raises ValueError for a concrete negative or non-finite value; a traced sweep value passes."""
+    v = concrete_float(value)
+    if v is not None and not (0.0 <= v < math.inf):
+        raise ValueError(f"{who}: {name} must be a finite value >= 0, got {v}; pass {name} >= 0 (0 switches it off).")
+
+
+def check_positive(who: str, name: str, value) -> None:
+    """Raises ValueError for a concrete value that is not finite and > 0; a traced value passes."""
+    v = concrete_float(value)
+    if v is not None and not (0.0 < v < math.inf):
+        raise ValueError(f"{who}: {name} must be a finite value > 0, got {v}.")

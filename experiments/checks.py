@@ -123,6 +123,13 @@ RULES: dict[str, tuple[Range, str]] = {
     "gem.memory_per_task": (COUNT, "examples kept per task"),
     "gem.memory_strength": (NONNEGATIVE, "the margin of the dual's constraint"),
     "gem.num_tasks": (OPTIONAL_COUNT, "tasks the memory holds; 0 = stream.num_tasks"),
+    "l2_init.lam": (NONNEGATIVE, "the pull towards the initial params"),
+    "shrink_perturb.shrink": (Range(0, 1), "the factor on the params at each task boundary; 1 = no shrink"),
+    "shrink_perturb.sigma": (NONNEGATIVE, "the std of the noise added at each task boundary"),
+    "shrink_perturb_steps.sigma": (NONNEGATIVE, "the std of the noise added after every step"),
+    "shrink_perturb_steps.weight_decay": (NONNEGATIVE, "the coupled weight decay added to the gradient"),
+    "shrink_perturb_steps.shrink": (Range(0, 1), "the factor on the stepped params; 1 = no shrink"),
+    "eval.plasticity_metrics_tau": (NONNEGATIVE, "ReDo's dormancy threshold for the per-task diagnostics"),
 }
 
 #: Numeric keys checked otherwise: every ``sweep.grid`` value against the rule of ``sweep.key``.

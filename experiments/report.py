@@ -51,6 +51,7 @@ _SUMMARY_COLUMNS = (
     ("fwt", "FWT %", 100.0, "{:+.2f}"),
     ("forgetting", "forgetting %", 100.0, "{:.2f}"),
     ("learning_accuracy", "learning acc %", 100.0, "{:.2f}"),
+    ("online_acc", "online acc %", 100.0, "{:.2f}"),
     ("wall_seconds", "wall s", 1.0, "{:.1f}"),
 )
 

@@ -41,7 +41,7 @@ from experiments import checks, methods, report
 
 # Config keys that do not change what a run computes, left out of the checkpoint fingerprint.
 _NOT_FINGERPRINTED = ("progress", "checkpoint", "mesh", "distributed", "data.dir")
-METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy")
+METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "online_acc")
 # Distributions whose versions go into every results.json ("environment").
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "clx")
 
@@ -69,6 +69,12 @@ def prepare(config) -> Plan:
     """
     checks.check_config(config)
     chosen = [methods.get(name) for name in methods.parse(config.method)]
+    if config.eval.tasks not in clx.train.EVALUATE:
+        raise ValueError(
+            f"config.eval.tasks must be one of {clx.train.EVALUATE}, got {config.eval.tasks!r}: 'seen' scores every "
+            "task seen so far after each task (the accuracy matrix), 'current' only the task just trained and the "
+            "next (long streams; ACC, BWT and forgetting are then n/a)."
+        )
     if config.stream.kind not in data.KINDS:
         raise ValueError(f"unknown stream.kind {config.stream.kind!r}; choose one of {sorted(data.KINDS)}.")
     for method in chosen:
@@ -96,6 +102,11 @@ def prepare(config) -> Plan:
     first = {}
     for method in chosen:
         model, params = method.build_model(config, stream, members[0][0])
+        if config.eval.plasticity_metrics and not hasattr(model, "apply_with_taps"):
+            raise ValueError(
+                f"config.eval.plasticity_metrics needs a model with layer taps, and method {method.name!r} builds a "
+                f"{type(model).__name__}; set config.eval.plasticity_metrics=False for it."
+            )
         for value in dict.fromkeys(v for _, v in members):  # each sweep value once (None: no sweep)
             rule = method.make_rule(config, model, value)
             jax.eval_shape(rule.init, params)  # the rule's own checks against the params, without allocating
@@ -226,8 +237,13 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         mesh=plan.mesh,
         checkpoint=ckpt,
         on_save=on_save,
+        evaluate=config.eval.tasks,
     )
     model, params = plan.first[name]
+    if config.eval.plasticity_metrics:
+        common["task_metrics"] = functools.partial(
+            clx.metrics.plasticity_metrics, model, tau=float(config.eval.plasticity_metrics_tau)
+        )
     # Model-specific facts (e.g. a hypernetwork's compression ratio); shapes only, read before fit donates params.
     extra = model.extra_results(params) if hasattr(model, "extra_results") else {}
     if len(members) == 1 and not key:  # the plain path (bit-identical to a run without members)
@@ -239,6 +255,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
                 result.random_baseline,
                 result.losses,
                 result.train_accuracy,
+                result.task_metrics,
                 method.results(result.rule_state, None),
             )
         ]
@@ -261,16 +278,17 @@ def _run_method(method, plan, config, out, on_save) -> dict:
                 result.random_baseline[m],
                 result.losses[m],
                 result.train_accuracy[m],
+                None if result.task_metrics is None else {k: v[m] for k, v in result.task_metrics.items()},
                 method.results(result.rule_state, m),
             )
             for m, (s, v) in enumerate(members)
         ]
     member_rows = {}
-    for who, acc, baseline, losses, train_acc, method_results in per_member:
+    for who, acc, baseline, losses, train_acc, task_metrics, method_results in per_member:
         results = {
             "method": name,
             "accuracy_matrix": acc,
-            **clx.metrics.summarize(acc, baseline),
+            **summarize(acc, baseline, config.eval.tasks),
             "random_baseline": baseline,
             "wall_seconds": result.wall_seconds,
             "train_seconds": result.train_seconds,
@@ -280,6 +298,8 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             # step that learned it; online_acc is its mean over tasks in the first epoch (the plasticity metric)
             "epoch_train_accuracy": train_acc,
             "online_acc": float(np.mean(train_acc[:, 0])),
+            "online_accuracy": train_acc[:, 0],  # per task: the curve the plasticity papers plot
+            **({"task_metrics": task_metrics} if task_metrics is not None else {}),
             "config": config.to_dict(),
             "environment": environment(),
             **extra,
@@ -302,7 +322,8 @@ def _run_method(method, plan, config, out, on_save) -> dict:
     if per_member[0][0] is None:
         print(
             f"{name}: ACC {100 * first['acc']:.2f}%  BWT {100 * first['bwt']:.2f}%  "
-            f"wall {result.wall_seconds:.1f}s  -> {os.path.join(out, 'results.json')}",
+            f"online acc {100 * first['online_acc']:.2f}%  wall {result.wall_seconds:.1f}s  "
+            f"-> {os.path.join(out, 'results.json')}",
             flush=True,
         )
         return first
@@ -313,7 +334,9 @@ def _run_method(method, plan, config, out, on_save) -> dict:
     for group in summary["groups"]:
         print(
             f"{name} {group['name']}: ACC {100 * group['acc_mean']:.2f} +- {100 * group['acc_std']:.2f}%  "
-            f"BWT {100 * group['bwt_mean']:.2f} +- {100 * group['bwt_std']:.2f}%  ({group['members']} seeds)",
+            f"BWT {100 * group['bwt_mean']:.2f} +- {100 * group['bwt_std']:.2f}%  "
+            f"online acc {100 * group['online_acc_mean']:.2f} +- {100 * group['online_acc_std']:.2f}%  "
+            f"({group['members']} seeds)",
             flush=True,
         )
     print(
@@ -322,6 +345,21 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         flush=True,
     )
     return first
+
+
+def summarize(R, baseline, evaluate: str = "seen") -> dict:
+    """``clx.metrics.summarize``; with ``evaluate="current"`` (only R[t, t] and R[t, t+1] scored) the metrics those
+    entries define (FWT, learning accuracy), and NaN for ACC, BWT and forgetting, which need old tasks' scores."""
+    if evaluate == "seen":
+        return clx.metrics.summarize(R, baseline)
+    T = len(baseline)
+    return {
+        "acc": float("nan"),
+        "bwt": float("nan"),
+        "fwt": clx.metrics.fwt(R, baseline) if T > 1 else float("nan"),
+        "forgetting": float("nan"),
+        "learning_accuracy": clx.metrics.learning_accuracy(R),
+    }
 
 
 def environment() -> dict:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from clx.regularization._common import check_nonnegative  # noqa: F401 (one check for both families)
-from clx.tree import concrete_float
+from clx.tree import check_nonnegative, concrete_float  # noqa: F401 (re-exported)
 
 
 def check_unit_interval(who: str, name: str, value) -> None:

@@ -9,27 +9,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from clx.tree import concrete_float
+from clx.tree import check_nonnegative, check_positive, concrete_float  # noqa: F401 (re-exported)
 
 #: Floats one chunk of per-example gradients may hold (64 MiB of float32) when no chunk size is given.
 CHUNK_FLOATS = 2**24
 
 #: A logit value that takes a class out of a softmax (finite, so no NaN reaches a gradient through ``where``).
 MASKED_LOGIT = -1e9
-
-
-def check_nonnegative(who: str, name: str, value) -> None:
-    """Raises ValueError for a concrete negative or non-finite value; a traced sweep value passes."""
-    v = concrete_float(value)
-    if v is not None and not (0.0 <= v < math.inf):
-        raise ValueError(f"{who}: {name} must be a finite value >= 0, got {v}; pass {name} >= 0 (0 switches it off).")
-
-
-def check_positive(who: str, name: str, value) -> None:
-    """Raises ValueError for a concrete value that is not finite and > 0; a traced value passes."""
-    v = concrete_float(value)
-    if v is not None and not (0.0 < v < math.inf):
-        raise ValueError(f"{who}: {name} must be a finite value > 0, got {v}.")
 
 
 def check_optional_int(who: str, name: str, value, minimum: int = 1) -> int | None:

@@ -77,6 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 10
     c.train.eval_batch_size = 1000
 
+    # What is scored after each task (clx.fit's evaluate, task_metrics).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.tasks = "seen"  # seen (tasks 0..t+1: the accuracy matrix) | current (tasks t, t+1: long streams)
+    c.eval.plasticity_metrics = False  # clx.metrics.plasticity_metrics on each task's evidence sample
+    c.eval.plasticity_metrics_tau = 0.0  # ReDo's dormancy threshold for those diagnostics
+
     for name, method in methods.METHODS.items():  # c.gpm, c.hnet, ...: each method's block and defaults
         if method.config is not None:
             if name in c:

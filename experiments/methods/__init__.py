@@ -9,7 +9,8 @@ per family and register themselves on import:
 - ``projection``: gpm;
 - ``hnet``: hnet;
 - ``regularization``: ewc, online_ewc, si, mas, l2, lwf;
-- ``replay``: er, agem, gem, der, derpp.
+- ``replay``: er, agem, gem, der, derpp;
+- ``plasticity``: l2_init, shrink_perturb, shrink_perturb_steps.
 
 Adding a method: write its entry in its family's module (``register(Method(...))``),
 give it a config file in ``experiments/configs/`` that sets its paper's values, and
@@ -18,7 +19,7 @@ its ``config()`` block to every config; ``experiments/run.py`` needs no edit.
 """
 
 # The built-in entries (one module per family) register themselves on import.
-from experiments.methods import baselines, hnet, projection, regularization, replay
+from experiments.methods import baselines, hnet, plasticity, projection, regularization, replay
 from experiments.methods._registry import (
     DATA_MODES,
     METHODS,
@@ -47,6 +48,7 @@ __all__ = [
     "hnet",
     "optimizer",
     "parse",
+    "plasticity",
     "projection",
     "register",
     "regularization",

@@ -1,0 +1,91 @@
+"""The plasticity family (``clx.plasticity``): cures for the loss of plasticity on long streams.
+
+Each entry chains its rule with the config's optimizer (``train.optimizer``, ``train.lr``),
+so one config runs "backprop" (``finetune``) and every cure with SGD or with Adam, as the
+plasticity papers compare them. Defaults are the papers' Permuted-MNIST values:
+
+- ``l2_init``: lambda 1e-2 (Kumar, Marklund & Van Roy 2023, Table 3);
+- ``shrink_perturb``: at task boundaries, shrink 0.4 and sigma 0.1 (Ash & Adams 2020's
+  code defaults; standard normal noise, see ``clx.plasticity.shrink_perturb``);
+- ``shrink_perturb_steps``: every step, weight decay 1e-4 and noise std 1e-5 (Dohare et al.
+  2024's ``snp.json``: weight decay 1e-4, perturb_scale swept over 1e-4 / 1e-5 / 1e-6).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+import clx
+from experiments.methods._registry import Method, optimizer, register, swept
+
+
+def l2_init_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.lam = 1e-2  # Kumar et al. 2023: lam ||theta - theta_0||^2, 1e-2 on Permuted MNIST (SGD and Adam)
+    return c
+
+
+def l2_init_rule(config, model, hp=None):
+    """``clx.chain(clx.plasticity.l2_init(lam), optimizer)``; sweeps ``l2_init.lam`` or ``train.lr``."""
+    del model
+    lam = swept(config, hp, "l2_init.lam", float(config.l2_init.lam))
+    return clx.chain(clx.plasticity.l2_init(lam), optimizer(config, hp))
+
+
+L2_INIT = register(Method("l2_init", l2_init_rule, config=l2_init_config, sweepable=("l2_init.lam", "train.lr")))
+
+
+def shrink_perturb_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.shrink = 0.4  # Ash & Adams 2020's code default (theta <- shrink theta + sigma eps at each task boundary)
+    c.sigma = 0.1  # their perturb default
+    return c
+
+
+def shrink_perturb_rule(config, model, hp=None):
+    """``clx.chain(clx.plasticity.shrink_perturb(shrink, sigma, seed), optimizer)``; sweeps shrink, sigma, lr."""
+    del model
+    b = config.shrink_perturb
+    shrink = swept(config, hp, "shrink_perturb.shrink", float(b.shrink))
+    sigma = swept(config, hp, "shrink_perturb.sigma", float(b.sigma))
+    rule = clx.plasticity.shrink_perturb(shrink, sigma, seed=int(config.seed))
+    return clx.chain(rule, optimizer(config, hp))
+
+
+SHRINK_PERTURB = register(
+    Method(
+        "shrink_perturb",
+        shrink_perturb_rule,
+        config=shrink_perturb_config,
+        sweepable=("shrink_perturb.shrink", "shrink_perturb.sigma", "train.lr"),
+    )
+)
+
+
+def shrink_perturb_steps_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.sigma = 1e-5  # Dohare et al. 2024 snp.json: perturb_scale in {1e-4, 1e-5, 1e-6}
+    c.weight_decay = 1e-4  # the same config's weight decay
+    c.shrink = 1.0  # 1: the loss-of-plasticity code (no shrink); < 1: Kumar et al. 2023's per-step S&P
+    return c
+
+
+def shrink_perturb_steps_rule(config, model, hp=None):
+    """``clx.plasticity.shrink_perturb_steps(optimizer, sigma, ...)`` (the rule owns the optimizer)."""
+    del model
+    b = config.shrink_perturb_steps
+    sigma = swept(config, hp, "shrink_perturb_steps.sigma", float(b.sigma))
+    wd = swept(config, hp, "shrink_perturb_steps.weight_decay", float(b.weight_decay))
+    return clx.plasticity.shrink_perturb_steps(
+        optimizer(config, hp), sigma, weight_decay=wd, shrink=float(b.shrink), seed=int(config.seed)
+    )
+
+
+SHRINK_PERTURB_STEPS = register(
+    Method(
+        "shrink_perturb_steps",
+        shrink_perturb_steps_rule,
+        config=shrink_perturb_steps_config,
+        sweepable=("shrink_perturb_steps.sigma", "shrink_perturb_steps.weight_decay", "train.lr"),
+    )
+)
