@@ -12,11 +12,13 @@ kernel as ``reshape(-1, shape[-1])``), and ``||b||_2`` the spectral norm of a bi
 one-row matrix, pulled towards 0.
 
 What was checked, and where: the paper's abstract (the regularizer "keeps the maximum singular
-value of each layer close to one") and a review of it (liner.com: the regularizer "penalizes the
-spectral norm of every parameter towards one for multiplicative weights and zero for bias
-terms"). The paper's full text is in the search corpus (arxiv.org/html/2406.06811v2 and the
-ICLR 2025 text) but could only be read to its introduction, so the exact equation, the exponent
-``k`` the paper uses and its strength were NOT read from the paper. The form above is the most
+value of each layer close to one"); its ICLR 2025 OpenReview reviews (reviewer 4: the regularizer
+"attempts to steer the maximum singular value of a layer to 1 (and 0 for the bias terms)"); a
+summary of it (liner.com: it "penalizes the spectral norm of every parameter towards one for
+multiplicative weights and zero for bias terms"). The paper's full text is in the search corpus
+(arxiv.org/html/2406.06811v2 and the ICLR 2025 text) but could only be read to its
+introduction, so the exact equation, the exponent ``k`` the paper uses and its strength were NOT
+read from the paper. The form above is the most
 defensible reading: the ``(sigma^k - 1)^2`` shape with biases' norms towards 0 is also what a
 third-party PyTorch port does (``SpectralRegularizer``: ``((sigma**k) - 1)**2`` per weight,
 ``||b||**(2k)`` per bias, default ``k = 3``, one power iteration). clx defaults to ``k = 2``
