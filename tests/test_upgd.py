@@ -109,9 +109,10 @@ def test_guarded_zero_utilities_with_sigma_zero_is_sgd():
     tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
     want, _ = tx.update(g, tx.init(theta), theta)
     chex.assert_trees_all_close(u, want, rtol=1e-7, atol=1e-9)
-    # all-zero params (every utility 0 at step 1) stay finite too
+    # all-zero params (every utility 0 at step 1) stay finite too, and no NaN is formed on the way
     zeros = jax.tree.map(jnp.zeros_like, theta)
-    u, _ = upgd(lr).update(g, upgd(lr).init(zeros), zeros, key=key)
+    with jax.debug_nans(True):
+        u, _ = upgd(lr).update(g, upgd(lr).init(zeros), zeros, key=key)
     assert all(np.all(np.isfinite(a)) for a in _np(u))
 
 

@@ -159,9 +159,10 @@ def upgd(
 
         def step(u, g, p, e):
             corrected = u.astype(jnp.float32) / correction
-            safe_eta = jnp.where(eta == 0.0, 1.0, eta)
-            ratio = jnp.where((eta == 0.0) & (corrected == 0.0), 0.0, corrected / safe_eta)
-            ratio = jnp.where((eta == 0.0) & (corrected != 0.0), corrected * jnp.inf, ratio)
+            # corrected / eta as the official code computes it, except 0/0 := 0; no NaN is ever formed
+            ratio = corrected / jnp.where(eta == 0.0, 1.0, eta)
+            at_zero = jnp.where(corrected == 0.0, 0.0, jnp.where(corrected > 0.0, jnp.inf, -jnp.inf))
+            ratio = jnp.where(eta == 0.0, at_zero, ratio)
             gate = (1.0 - jax.nn.sigmoid(ratio)).astype(g.dtype)
             noise = (sigma * e).astype(g.dtype)
             x = (g + noise) * gate if protect else g + noise * gate
