@@ -9,12 +9,18 @@ from clx.plasticity._shrink_perturb import (
     shrink_perturb,
     shrink_perturb_steps,
 )
+from clx.plasticity._spectral import SpectralState, spectral_regularization
+from clx.plasticity._upgd import UPGDState, upgd
 
 __all__ = [
     "L2InitState",
     "ShrinkPerturbState",
     "ShrinkPerturbStepsState",
+    "SpectralState",
+    "UPGDState",
     "l2_init",
     "shrink_perturb",
     "shrink_perturb_steps",
+    "spectral_regularization",
+    "upgd",
 ]
