@@ -31,10 +31,12 @@ and has no default p.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clx.merging._task_vectors import Params, check_models, check_same_structure
 from clx.tree import concrete_float
@@ -49,7 +51,8 @@ def _check_p(who: str, p) -> None:
 def dare(tv: Params, p, key: jax.Array, rescale: bool = True) -> Params:
     """Drops each entry of the task vector ``tv`` with probability ``p`` and divides the rest by ``1 - p``.
 
-    Leaf i (in ``jax.tree.leaves`` order) draws its mask with ``jax.random.split(key, n)[i]``.
+    One uniform draw over all entries of all leaves (in ``jax.tree.leaves`` order), keep
+    where ``u < 1 - p``.
     Pure and vmappable over ``key`` (and over ``p``, which may be traced).
 
     Args:
@@ -66,15 +69,22 @@ def dare(tv: Params, p, key: jax.Array, rescale: bool = True) -> Params:
       ValueError: a concrete ``p`` outside [0, 1).
     """
     _check_p("dare", p)
-    leaves, treedef = jax.tree.flatten(tv)
-    keys = jax.random.split(key, max(len(leaves), 1))
+    return _dare(tv, p, key, rescale)
 
-    def drop(k, x):
-        keep = jax.random.uniform(k, jnp.shape(x)) < 1.0 - p
+
+@partial(jax.jit, static_argnums=3)
+def _dare(tv, p, key, rescale: bool):
+    leaves, treedef = jax.tree.flatten(tv)
+    sizes = [int(np.prod(jnp.shape(x))) for x in leaves]
+    u = jax.random.uniform(key, (max(sum(sizes), 1),))  # one draw for all entries: one RNG program to compile
+    offsets = np.cumsum([0] + sizes)
+
+    def drop(x, lo, hi):
+        keep = (u[lo:hi] < 1.0 - p).reshape(jnp.shape(x))
         kept = jnp.where(keep, x, jnp.zeros_like(x))
         return (kept / (1.0 - p)).astype(jnp.result_type(x)) if rescale else kept
 
-    return jax.tree.unflatten(treedef, [drop(k, x) for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(treedef, [drop(x, lo, hi) for x, lo, hi in zip(leaves, offsets[:-1], offsets[1:])])
 
 
 def dare_models(pretrained: Params, finetuned: Sequence[Params], p, key: jax.Array, rescale: bool = True) -> list:

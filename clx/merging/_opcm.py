@@ -60,6 +60,7 @@ dtypes.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
@@ -82,6 +83,7 @@ def split_rank(s: jax.Array, alpha) -> jax.Array:
     return jnp.argmax(frac > alpha).astype(jnp.int32)
 
 
+@partial(jax.jit, static_argnums=3)
 def opcm_projection(merged_tv: jax.Array, tau: jax.Array, alpha, zero_diagonal: bool = True):
     """OPCM's projection of a new task vector ``tau`` (m, n) against the merged task vector ``merged_tv`` (m, n).
 

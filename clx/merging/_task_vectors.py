@@ -178,11 +178,13 @@ class ContinualMerge(NamedTuple):
 
 
 def merge_sequence(merger: ContinualMerge, pretrained: Params, finetuned: Sequence[Params]):
-    """Runs ``merger`` over a list of fine-tuned models in order (a Python loop); returns the final state."""
+    """Runs ``merger`` over a list of fine-tuned models in order (a Python loop of one jitted
+    ``merge_next``, compiled once for all models); returns the final state."""
     finetuned = check_models(merger.name or "merge_sequence", finetuned)
     state = merger.init(pretrained)
+    step = jax.jit(merger.merge_next)
     for model in finetuned:
-        state = merger.merge_next(state, model)
+        state = step(state, model)
     return state
 
 

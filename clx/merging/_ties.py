@@ -59,6 +59,7 @@ added on top, as the code does).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple, Sequence
 
 import jax
@@ -152,8 +153,13 @@ def ties_task_vector(task_vectors: Sequence[Params], k=20, merge: str = "mean") 
     check_same_structure(task_vectors, [f"task_vectors[{i}]" for i in range(len(task_vectors))], who)
     flat0, unravel = ravel_pytree(task_vectors[0])
     flats = jnp.stack([flat0] + [ravel_pytree(tv)[0] for tv in task_vectors[1:]])
-    trimmed = jax.vmap(lambda x: trim_top_k(x, k))(flats)
-    return unravel(elect_and_merge(trimmed, merge).astype(flat0.dtype))
+    return unravel(_ties_flat(flats, k, merge).astype(flat0.dtype))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _ties_flat(flats: jax.Array, k: float, merge: str) -> jax.Array:
+    """Trim each row of ``flats`` (T, d), elect, disjoint-merge: (d,). One compiled program per (shape, k, merge)."""
+    return elect_and_merge(jax.vmap(lambda x: trim_top_k(x, k))(flats), merge)
 
 
 def ties_merging(pretrained: Params, finetuned: Sequence[Params], k=20, lam=1.0, merge: str = "mean") -> Params:
