@@ -1,7 +1,8 @@
 """OPCM: continual model merging by orthogonal projection and adaptive scaling.
 
 Tang, Yang, Shen, Luo, Hu, Du & Tao 2025, "Merging Models on the Fly Without Retraining: A
-Sequential Approach to Scalable Continual Model Merging" (arXiv 2501.09522), Sec. 3. Models
+Sequential Approach to Scalable Continual Model Merging" (arXiv 2501.09522); the steps
+below are those of the authors' FusionBench code (the paper's text was not opened here). Models
 theta_1, theta_2, ... arrive one at a time, each with task vector ``tau_t = theta_t - theta_0``.
 
 For every projected weight matrix W (m x n) the merge keeps the unscaled sum ``S`` of the
@@ -28,7 +29,9 @@ Checked against FusionBench's ``OPCMForCLIP`` (``fusion_bench/method/opcm/opcm.p
 ``utils.py``, ``config/method/opcm/opcm.yaml``: ``alpha: 0.5``; read at commit 54c9e8c):
 
 - ``split_rank = (s.cumsum(0) / s.sum() > alpha).float().argmax()`` (step 2, the same
-  expression here; 0 when no entry exceeds alpha or S is 0);
+  expression here; 0 when no entry exceeds alpha or S is 0). FusionBench's
+  ``docs/algorithms/opcm.md`` writes ``r = min{k : sum_{i<=k} s_i / sum_i s_i > alpha}`` with
+  1-based k, one more than the code's 0-based index; clx follows the code;
 - ``projected = u.T @ task_tv @ v`` with the *full* SVD, then the diagonal and the
   ``[:split_rank, :split_rank]`` block zeroed, and ``u @ projected @ v.T``: the full SVD's
   extra columns are never zeroed, so ``tau - U_k (P_k o M) V_k^T`` over the reduced SVD is

@@ -37,9 +37,11 @@ entries plus any ties at the threshold.
 
 Defaults: ``k = 20`` (the authors' README runs ``topk20``; FusionBench's ``threshold: 20``)
 and ``merge="mean"`` (the README's ``dis-mean``). For lam the README sweeps ``linear+0.8+2.51+0.1``
-(0.8 to 2.5) on validation data; clx's default ``lam = 1.0`` is the paper's value without a
-validation set (Sec. 6, recalled from the paper, whose text could not be opened here:
-check it before quoting). FusionBench's ``config/method/ties_merging.yaml`` uses
+(0.8 to 2.5) on validation data. clx's default ``lam = 1.0``: the disjoint mean keeps every
+entry at the scale of one task vector, and 1.0 lies in that sweep; it is also the value we
+recall the paper recommending without validation data (with k = 20), which could not be
+checked here (the paper's text was not reachable): check before quoting it as the paper's.
+FusionBench's ``config/method/ties_merging.yaml`` uses
 ``merge_func: sum`` with ``scaling_factor: 0.3`` and ``threshold: 20``: pass
 ``merge="sum", lam=0.3`` for that.
 
