@@ -1,8 +1,9 @@
 """DARE: drop and rescale a task vector's entries before merging.
 
 Yu, Yu, Yu, Huang & Li 2024, "Language Models are Super Mario: Absorbing Abilities from
-Homologous Models as a Free Lunch" (ICML), Sec. 3 (DARE): for a task vector (delta
-parameters) delta,
+Homologous Models as a Free Lunch" (ICML), the DARE operation (Drop And REscale; the formula
+below was checked against FusionBench's code, not against the paper's text): for a task
+vector (delta parameters) delta,
 
     m ~ Bernoulli(p) per entry,   delta~ = (1 - m) * delta,   delta^ = delta~ / (1 - p),
 

@@ -1,7 +1,7 @@
 """TIES-merging (trim, elect sign, disjoint merge), all at once and continual.
 
 Yadav, Tam, Choshen, Raffel & Bansal 2023, "TIES-Merging: Resolving Interference When
-Merging Models" (NeurIPS), Sec. 4 and Algorithm 1. For task vectors tau_1..tau_T:
+Merging Models" (NeurIPS), Algorithm 1 ("TIES-Merging Procedure"). For task vectors tau_1..tau_T:
 
 1. **Trim**: in each task vector keep the k % entries of largest magnitude, zero the rest
    (``trimmed_t``).
