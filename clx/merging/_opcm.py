@@ -165,7 +165,7 @@ def opcm(
         flat, treedef = jax.tree_util.tree_flatten_with_path(state.pretrained)
         sums = treedef.flatten_up_to(state.sum_tv)
         fts = treedef.flatten_up_to(finetuned)
-        taus = [(f - p).astype(s.dtype) for (_, p), f, s in zip(flat, fts, sums)]
+        taus = [f.astype(s.dtype) - p.astype(s.dtype) for (_, p), f, s in zip(flat, fts, sums)]  # in S's dtype
         projected = []
         for (path, p), tau in zip(flat, taus):
             on = bool(choose(path_str(path), p))
