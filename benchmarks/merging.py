@@ -1,0 +1,114 @@
+"""Cost of one OPCM merge step against the same SVDs done by NumPy.
+
+OPCM (``clx.merging.opcm``) spends a merge step on one SVD per projected (2-D) weight
+plus a few products and two norms over the whole tree. This script measures, in one run:
+
+* ``opcm step``: one jitted ``merge_next`` after the first model (so the SVD branch
+  runs), after a warm-up call, ``block_until_ready``, best of ``--repeats``;
+* ``numpy svd``: ``numpy.linalg.svd(S, full_matrices=False)`` of the same merged task
+  vectors S, one per projected weight, best of ``--repeats`` (the floor of a NumPy/PyTorch-
+  style implementation that does the SVDs on the host; FusionBench's OPCM uses
+  ``torch.linalg.svd`` with full matrices);
+* ``jax svd``: the same SVDs as one jitted ``jnp.linalg.svd`` program, to split the step
+  into its SVDs and the rest;
+
+and prints the ratios step/numpy and jax-svd/numpy, for
+
+* ``vit-tiny``: 4 blocks of a ViT-like stack, each an attention projection 64x64, an MLP
+  64x256 and 256x64, with biases (12 projected weights, 196,608 + biases params);
+* ``1024``: one 1024x1024 linear weight with its bias;
+* ``4096``: one 4096x4096 weight, only with ``--big`` (slow on a laptop-class CPU).
+
+    python benchmarks/merging.py [--repeats 5] [--big]
+
+On a shared or small CPU machine run both sides on one thread each, or BLAS and XLA
+thread pools oversubscribe the cores and the NumPy side is slowed most (on a loaded
+2-core box a 64x256 NumPy SVD took 20-1000 ms with OpenBLAS threads, 2 ms on one):
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 \
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+    PYTHONPATH=. python benchmarks/merging.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import clx.merging as merging
+
+
+def vit_tiny(rng, scale=1.0):
+    def w(*shape):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    return {f"block{i}": {"attn": {"kernel": w(64, 64), "bias": w(64)},
+                          "fc1": {"kernel": w(64, 256), "bias": w(256)},
+                          "fc2": {"kernel": w(256, 64), "bias": w(64)}} for i in range(4)}  # fmt: skip
+
+
+def one_layer(n):
+    def make(rng, scale=1.0):
+        return {"kernel": jnp.asarray(scale * rng.standard_normal((n, n)), jnp.float32),
+                "bias": jnp.asarray(scale * rng.standard_normal(n), jnp.float32)}  # fmt: skip
+
+    return make
+
+
+def best(f, repeats):
+    jax.block_until_ready(f())  # warm-up (compiles a jitted f)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure(name, make, repeats):
+    rng = np.random.default_rng(0)
+    pre = make(rng)
+    first = jax.tree.map(lambda p, d: p + d, pre, make(rng, 0.01))
+    second = jax.tree.map(lambda p, d: p + d, pre, make(rng, 0.01))
+    merger = merging.opcm(alpha=0.5)
+    step = jax.jit(merger.merge_next)
+    state = step(merger.init(pre), first)  # count 1: the next call takes the SVD branch
+    t_step = best(lambda: step(state, second), repeats)
+
+    mats = [s for s in jax.tree.leaves(state.sum_tv) if s.ndim == 2]
+    host = [np.asarray(s) for s in mats]
+    t_numpy = best(lambda: [np.linalg.svd(s, full_matrices=False) for s in host], repeats)
+    jax_svds = jax.jit(lambda ms: [jnp.linalg.svd(s, full_matrices=False) for s in ms])
+    t_jax = best(lambda: jax_svds(mats), repeats)
+    shapes = sorted({tuple(s.shape) for s in mats})
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pre))
+    print(
+        f"{name}: {len(mats)} SVDs of {shapes}, {params:,} params | opcm step {1e3 * t_step:.2f} ms, "
+        f"numpy svd {1e3 * t_numpy:.2f} ms, jax svd {1e3 * t_jax:.2f} ms | step/numpy {t_step / t_numpy:.2f}x, "
+        f"jax svd/numpy {t_jax / t_numpy:.2f}x, step/jax svd {t_step / t_jax:.2f}x",
+        flush=True,
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--big", action="store_true", help="also one 4096x4096 layer")
+    args = ap.parse_args()
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), numpy {np.__version__}, "
+        f"best of {args.repeats} after a warm-up",
+        flush=True,
+    )
+    measure("vit-tiny", vit_tiny, args.repeats)
+    measure("1024", one_layer(1024), args.repeats)
+    if args.big:
+        measure("4096", one_layer(4096), max(1, args.repeats // 2))
+
+
+if __name__ == "__main__":
+    main()
