@@ -129,6 +129,12 @@ RULES: dict[str, tuple[Range, str]] = {
     "shrink_perturb_steps.sigma": (NONNEGATIVE, "the std of the noise added after every step"),
     "shrink_perturb_steps.weight_decay": (NONNEGATIVE, "the coupled weight decay added to the gradient"),
     "shrink_perturb_steps.shrink": (Range(0, 1), "the factor on the stepped params; 1 = no shrink"),
+    "upgd.beta_utility": (Range(0, 1, hi_open=True), "the utility trace's decay"),
+    "upgd.sigma": (NONNEGATIVE, "the std of UPGD's perturbation"),
+    "upgd.weight_decay": (NONNEGATIVE, "UPGD's decoupled weight decay"),
+    "upgd.step_scale": (POSITIVE, "the gated step's multiple of train.lr (1: the optimizer file, 2: the README)"),
+    "spectral.strength": (NONNEGATIVE, "the spectral penalty's strength"),
+    "spectral.exponent": (POSITIVE, "k in (sigma_max^k - 1)^2"),
     "eval.plasticity_metrics_tau": (NONNEGATIVE, "ReDo's dormancy threshold for the per-task diagnostics"),
 }
 

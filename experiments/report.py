@@ -135,7 +135,7 @@ def _png_bytes(R: np.ndarray, results: Mapping[str, Any]) -> bytes:
     from matplotlib.figure import Figure
 
     T_rows, T_cols = R.shape
-    side = max(4.0, 0.55 * max(T_rows, T_cols) + 2.0)
+    side = min(max(4.0, 0.55 * max(T_rows, T_cols) + 2.0), 12.0)  # long streams: one pixel-ish cell per task
     fig = Figure(figsize=(side + 1.2, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -161,8 +161,9 @@ def _png_bytes(R: np.ndarray, results: Mapping[str, Any]) -> bytes:
                     color="black" if v > 0.6 else "white",
                 )
 
-    ax.set_xticks(range(T_cols))
-    ax.set_yticks(range(T_rows))
+    if max(T_rows, T_cols) <= 30:
+        ax.set_xticks(range(T_cols))
+        ax.set_yticks(range(T_rows))
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
     method = results.get("method") or "(unnamed method)"
@@ -403,8 +404,75 @@ def _save(fig, path: pathlib.Path) -> None:
     _atomic_write(path, buf.getvalue())
 
 
+#: The per-task diagnostics drawn for plasticity runs (``results.json`` ``task_metrics``), with their axis labels.
+_PLASTICITY_PANELS = (
+    ("dormant_fraction", "dormant units (fraction)"),
+    ("effective_rank", "effective rank (mean over layers)"),
+    ("stable_rank", "stable rank (mean over layers)"),
+    ("weight_norm", "weight norm (L2)"),
+    ("gradient_norm", "gradient norm (L2)"),
+)
+
+
+def _is_plasticity(table: dict) -> bool:
+    """Runs scored on the current task only (``eval.tasks = "current"``) or carrying per-task diagnostics."""
+    runs = [g for row in table["rows"] for g in row["runs"]]
+    return any(
+        ((g.get("config") or {}).get("eval") or {}).get("tasks") == "current" or "task_metrics" in g for g in runs
+    )
+
+
+def _plasticity_figure(table: dict, out: pathlib.Path, name: str) -> None:
+    """Online accuracy, the just-learned task's test accuracy and each diagnostic against the task index,
+    one line per row (mean over its runs, band: std)."""
+    panels = [
+        ("online_accuracy", "online accuracy (%)", 100.0),
+        ("diagonal", "test accuracy, task just learned (%)", 100.0),
+    ]
+    panels += [(k, label, 1.0) for k, label in _PLASTICITY_PANELS if any(
+        k in (g.get("task_metrics") or {}) for row in table["rows"] for g in row["runs"])]  # fmt: skip
+    cols = 2 if len(panels) <= 4 else 3
+    nrows = (len(panels) + cols - 1) // cols
+    fig = _figure()
+    fig.set_size_inches(4.6 * cols + 2.2, 3.2 * nrows)
+    for k, (key, label, scale) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        for row in table["rows"]:
+            curves = []
+            for g in row["runs"]:
+                if key == "online_accuracy":
+                    c = g.get("online_accuracy") or [e[0] for e in g.get("epoch_train_accuracy") or []]
+                elif key == "diagonal":
+                    c = np.diag(_matrix(g))
+                else:
+                    c = (g.get("task_metrics") or {}).get(key)
+                if c is not None and len(c):
+                    curves.append(np.asarray(c, np.float64))
+            if not curves:
+                continue
+            curves = np.stack(curves)
+            mean, std = scale * curves.mean(0), scale * curves.std(0)
+            x = np.arange(1, len(mean) + 1)
+            (line,) = ax.plot(x, mean, lw=1.2, label=row["label"])
+            if len(curves) > 1:
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        ax.set_xlabel("task index")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_size_inches()[0], 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _atomic_write(out / name, buf.getvalue())
+
+
 def _report_figures(table: dict, out: pathlib.Path, prefix: str) -> list[str]:
-    """ACC against the number of tasks, and each task's accuracy over the stream, one line per row."""
+    """ACC against the number of tasks, and each task's accuracy over the stream, one line per row; for plasticity
+    runs (old tasks not scored) the online accuracy and the diagnostics against the task index instead."""
+    if _is_plasticity(table):
+        _plasticity_figure(table, out, f"{prefix}plasticity.png")
+        return [f"{prefix}plasticity.png"]
     names = []
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)

@@ -73,6 +73,11 @@ CONTRACT = {
     "gem": _registered("gem"),
     "der": _registered("der"),
     "derpp": _registered("derpp"),
+    "l2_init": _registered("l2_init"),
+    "shrink_perturb": _registered("shrink_perturb"),
+    "shrink_perturb_steps": _registered("shrink_perturb_steps"),
+    "upgd": _registered("upgd"),
+    "spectral": _registered("spectral"),
     # the minimal rule of each hook (tests/_rules.py)
     "hook: loss term": _fixture(lambda: _rules.logit_penalty(0.1)),
     "hook: reference gradient": _fixture(lambda: _rules.ref_projection(8, (8, 8, 1))),

@@ -223,6 +223,11 @@ METHOD_RUNS = [
     ("gem", {"gem.memory_per_task": 32}),
     ("der", {}),
     ("derpp", {}),
+    ("l2_init", {}),
+    ("shrink_perturb", {"shrink_perturb.shrink": 0.9, "shrink_perturb.sigma": 0.01}),
+    ("shrink_perturb_steps", {}),
+    ("upgd", {}),
+    ("spectral", {}),
     (
         "hnet",
         {

@@ -24,13 +24,12 @@ on a leading axis) run that loop.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from clx.tree import concrete_float, path_str
+from clx.tree import check_nonnegative, concrete_float, path_str  # noqa: F401 (check_nonnegative re-exported)
 
 Params = Any
 
@@ -102,13 +101,6 @@ def check_models(who: str, finetuned) -> list:
     if len(finetuned) < 1:
         raise ValueError(f"{who}: needs at least one fine-tuned model, got none.")
     return list(finetuned)
-
-
-def check_nonnegative(who: str, name: str, value) -> None:
-    """Raises ValueError for a concrete negative or non-finite value; a traced sweep value passes."""
-    v = concrete_float(value)
-    if v is not None and not (0.0 <= v < math.inf):
-        raise ValueError(f"{who}: {name} must be a finite value >= 0, got {v}; pass {name} >= 0.")
 
 
 def check_open_unit(who: str, name: str, value) -> None:

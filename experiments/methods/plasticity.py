@@ -8,7 +8,11 @@ plasticity papers compare them. Defaults are the papers' Permuted-MNIST values:
 - ``shrink_perturb``: at task boundaries, shrink 0.4 and sigma 0.1 (Ash & Adams 2020's
   code defaults; standard normal noise, see ``clx.plasticity.shrink_perturb``);
 - ``shrink_perturb_steps``: every step, weight decay 1e-4 and noise std 1e-5 (Dohare et al.
-  2024's ``snp.json``: weight decay 1e-4, perturb_scale swept over 1e-4 / 1e-5 / 1e-6).
+  2024's ``snp.json``: weight decay 1e-4, perturb_scale swept over 1e-4 / 1e-5 / 1e-6);
+- ``upgd``: the README's UPGD values (beta_u 0.999, sigma 1e-3, weight decay 1e-3) with the
+  optimizer file's step (lr, not 2 lr); its step size is ``train.lr`` (UPGD is the optimizer);
+- ``spectral``: strength 1e-4, k = 2 (not checked against the paper's text: see
+  ``clx.plasticity.spectral_regularization``).
 """
 
 from __future__ import annotations
@@ -88,4 +92,56 @@ SHRINK_PERTURB_STEPS = register(
         config=shrink_perturb_steps_config,
         sweepable=("shrink_perturb_steps.sigma", "shrink_perturb_steps.weight_decay", "train.lr"),
     )
+)
+
+
+def upgd_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.beta_utility = 0.999  # the README's UPGD (the optimizer file's default: 0)
+    c.sigma = 1e-3  # the README's noise std (the file's default: 1.0)
+    c.weight_decay = 1e-3  # the README's decoupled weight decay (the file's default: 0)
+    c.step_scale = 1.0  # the optimizer file's step lr (the README steps 2 lr: 2.0)
+    return c
+
+
+def upgd_rule(config, model, hp=None):
+    """``clx.plasticity.upgd(train.lr, ...)``: UPGD is the optimizer (``train.optimizer`` is not used)."""
+    del model
+    b = config.upgd
+    lr = swept(config, hp, "train.lr", float(config.train.lr))
+    sigma = swept(config, hp, "upgd.sigma", float(b.sigma))
+    return clx.plasticity.upgd(
+        lr,
+        beta_utility=float(b.beta_utility),
+        sigma=sigma,
+        weight_decay=float(b.weight_decay),
+        step_scale=float(b.step_scale),
+        seed=int(config.seed),
+    )
+
+
+UPGD = register(Method("upgd", upgd_rule, config=upgd_config, sweepable=("upgd.sigma", "train.lr")))
+
+
+def spectral_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.strength = 1e-4  # not from the paper (its text was not found): see clx.plasticity.spectral_regularization
+    c.exponent = 2.0  # k in (sigma_max^k - 1)^2
+    c.biases = True  # also pull the biases towards 0 (||b||^(2k))
+    return c
+
+
+def spectral_rule(config, model, hp=None):
+    """``clx.chain(clx.plasticity.spectral_regularization(strength, ...), optimizer)``."""
+    del model
+    b = config.spectral
+    strength = swept(config, hp, "spectral.strength", float(b.strength))
+    rule = clx.plasticity.spectral_regularization(
+        strength, exponent=float(b.exponent), biases=bool(b.biases), seed=int(config.seed)
+    )
+    return clx.chain(rule, optimizer(config, hp))
+
+
+SPECTRAL = register(
+    Method("spectral", spectral_rule, config=spectral_config, sweepable=("spectral.strength", "train.lr"))
 )
