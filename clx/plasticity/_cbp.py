@@ -43,9 +43,10 @@ Where clx differs from gnt.py, deliberately:
 - the step count of Adam's bias correction: gnt.py's ``AdamGnT`` keeps a step per entry and resets
   it; optax's Adam has one count for all entries, which clx leaves as it is, so a replaced weight's
   first moments are not bias-corrected afresh;
-- the random draws: JAX keys (``fold_in(step key, seed)``, then the layer's index) instead of torch's
-  global generator; gnt.py's non-accumulating mode (a Bernoulli draw for a fraction below 1) is not
-  offered;
+- the random draws: unit j of the l-th hidden layer (0-based, in ``layers`` order) draws its fresh
+  column from ``fold_in(fold_in(fold_in(step key, seed), l), j)`` instead of torch's global
+  generator (so vmapped seeds draw independently, and a traced rate draws what a concrete one does);
+  gnt.py's non-accumulating mode (a Bernoulli draw for a fraction below 1) is not offered;
 - the means over the batch run over every row of the tap (the trainer pads an epoch's last batch
   with repeated examples of weight 0, which count here).
 

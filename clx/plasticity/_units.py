@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from clx.core import ContinualTransformation
-from clx.tree import concrete_int, path_str
+from clx.tree import concrete_float, path_str
 
 #: Bound b of the uniform U(-b, b) a fresh input weight is drawn from, by fan_in d and fan_out m. "kaiming":
 #: the loss-of-plasticity code's default (``gnt.py`` ``compute_bounds``, ``cbp_linear.py`` ``get_layer_bound``:
@@ -62,8 +62,8 @@ def check_init(who: str, init: str) -> None:
 
 def check_count(who: str, name: str, value) -> None:
     """ValueError for a concrete value that is not an integer >= 1; a traced sweep value passes."""
-    v = concrete_int(value)
-    if v is not None and (v < 1 or float(jnp.asarray(value)) != v):
+    v = concrete_float(value)
+    if v is not None and (v < 1 or v != int(v)):
         raise ValueError(f"{who}: {name} must be an integer >= 1, got {value!r}.")
 
 
@@ -155,10 +155,15 @@ def _put(x, axis, sel, new):
 
 
 def fresh_inputs(key, h: Hidden, sel: Selection, init: str, dtype):
-    """Fresh input weights of the selected units: U(-b, b), (d, K) or (d, m)."""
-    k = h.m if sel.index is None else sel.index.shape[0]
+    """Fresh input weights of the selected units, U(-b, b): (d, K) for K slots, (d, m) for a mask.
+
+    Unit j's column is drawn from ``fold_in(key, j)`` alone, so it does not depend on the number of
+    slots (a concrete or a traced rate) or on which slot holds the unit.
+    """
+    units = jnp.arange(h.m) if sel.index is None else sel.index
     b = INIT_BOUNDS[init](h.d, h.m)
-    return jax.random.uniform(key, (h.d, k), dtype, -b, b)
+    cols = jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(key, j), (h.d,), dtype, -b, b))(units)
+    return cols.T
 
 
 def reset_units(steps, params, inner, layers, selections, fresh, absorb=None):
@@ -209,4 +214,3 @@ def reset_units(steps, params, inner, layers, selections, fresh, absorb=None):
 
     new_inner = jax.tree.map(zero_moments, inner, is_leaf=params_like)
     return new_steps, new_inner
-
