@@ -56,7 +56,9 @@ layer of a multi-head model (its activation is not tapped) are not supported yet
 
 Static shapes: a layer of width m has ``K = min(m, ceil(replacement_rate m))`` replacement slots per
 step (``K = m`` when the rate is a traced sweep value; no slots and no replacement when it is a concrete
-0), chosen by ``lax.top_k`` and switched on by ``slot < n``: jit-able and vmappable over seeds.
+0), chosen by ``lax.top_k`` and switched on by ``slot < n``: jit-able and vmappable over seeds. The
+replacement work (top_k, fresh draws, the resets) sits in a ``lax.cond`` on "some layer replaces at this
+step" (with rho = 1e-4 and 100 units, one step in 100); under ``jax.vmap`` it runs at every step as a select.
 """
 
 from __future__ import annotations
@@ -170,13 +172,16 @@ def cbp(
 
     def init_fn(params):
         hidden = hidden_layers(who, params, names)
-        zeros = {h.kernel: jnp.zeros((h.m,), jnp.float32) for h in hidden}
+
+        def zeros(shape, dtype=jnp.float32):  # a buffer of its own per leaf (the trainer donates the state)
+            return {h.kernel: jnp.zeros(shape(h), dtype) for h in hidden}
+
         return CBPState(
             optimizer.init(params),
-            zeros,
-            dict(zeros),
-            {h.kernel: jnp.zeros((h.m,), jnp.int32) for h in hidden},
-            {h.kernel: jnp.zeros((), jnp.float32) for h in hidden},
+            zeros(lambda h: (h.m,)),
+            zeros(lambda h: (h.m,)),
+            zeros(lambda h: (h.m,), jnp.int32),
+            zeros(lambda h: ()),
         )
 
     def update(updates, state, params=None, *, layer_inputs=None, key=None, **extra):
@@ -190,7 +195,7 @@ def cbp(
         flat_u = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(steps)[0]}
         base = jax.random.fold_in(key, seed)
         util, mean_act, age, pending = dict(state.utility), dict(state.mean_act), dict(state.age), dict(state.pending)
-        reset, sels, fresh, absorb = [], [], [], []
+        todo = []  # (index in hidden, layer, slots, count n, u, f, a, corr, w_out) of layers that may replace
         for i, h in enumerate(hidden):
             x = layer_inputs[h.out].astype(jnp.float32)  # (N, m): the layer's activations h
             w_out = (flat_p[h.out] + flat_u[h.out]).astype(jnp.float32)  # (m, k), after the optimizer's step
@@ -204,30 +209,42 @@ def cbp(
                 w_in = (flat_p[h.kernel] + flat_u[h.kernel]).astype(jnp.float32)
                 inst = out_mag * jnp.mean(jnp.abs(x - f / corr), axis=0) / jnp.mean(jnp.abs(w_in), axis=0)
             u = decay * state.utility[h.kernel] + (1.0 - decay) * inst
+            util[h.kernel], mean_act[h.kernel], age[h.kernel] = u, f, a
             k = slots(h.m)
             if k == 0:
-                util[h.kernel], mean_act[h.kernel], age[h.kernel] = u, f, a
                 continue
             eligible = a > maturity
             n_eligible = jnp.sum(eligible).astype(jnp.float32)
             acc = state.pending[h.kernel] + replacement_rate * n_eligible
             n = jnp.clip(jnp.floor(acc), 0.0, jnp.minimum(float(k), n_eligible))
             pending[h.kernel] = (acc - n).astype(jnp.float32)
-            score = jnp.where(eligible, u / corr, jnp.inf)
-            _, index = jax.lax.top_k(-score, k)  # (k,) the k lowest utilities, eligible units first
-            valid = jnp.arange(k) < n
-            sel = Selection(index, valid)
-            unit_mean = jnp.take(f / corr, index)  # (k,) bias-corrected mean activation, read before its reset
-            absorb.append(jnp.sum(jnp.where(valid[:, None], jnp.take(w_out, index, axis=0) * unit_mean[:, None], 0), 0))
-            util[h.kernel] = u.at[index].set(jnp.where(valid, 0.0, u[index]), unique_indices=True)
-            mean_act[h.kernel] = f.at[index].set(jnp.where(valid, 0.0, f[index]), unique_indices=True)
-            age[h.kernel] = a.at[index].set(jnp.where(valid, 0, a[index]), unique_indices=True)
-            dtype = flat_p[h.kernel].dtype
-            fresh.append(fresh_inputs(jax.random.fold_in(base, i), h, sel, init, dtype))
-            reset.append(h)
-            sels.append(sel)
-        if reset:
-            steps, inner = reset_units(steps, params, inner, reset, sels, fresh, absorb)
+            todo.append((i, h, k, n, jnp.where(eligible, u / corr, jnp.inf), corr, w_out))
+
+        def replace(steps, inner, util, mean_act, age):
+            util, mean_act, age = dict(util), dict(mean_act), dict(age)
+            layers, sels, fresh, absorb = [], [], [], []
+            for i, h, k, n, score, corr, w_out in todo:
+                _, index = jax.lax.top_k(-score, k)  # (k,) the k lowest utilities, eligible units first
+                valid = jnp.arange(k) < n
+                sel = Selection(index, valid)
+                u, f, a = util[h.kernel], mean_act[h.kernel], age[h.kernel]
+                unit_mean = jnp.take(f / corr, index)  # (k,) bias-corrected mean activation, read before its reset
+                contrib = jnp.take(w_out, index, axis=0) * unit_mean[:, None]  # (k, k_next)
+                absorb.append(jnp.sum(jnp.where(valid[:, None], contrib, 0.0), axis=0))
+                util[h.kernel] = u.at[index].set(jnp.where(valid, 0.0, u[index]), unique_indices=True)
+                mean_act[h.kernel] = f.at[index].set(jnp.where(valid, 0.0, f[index]), unique_indices=True)
+                age[h.kernel] = a.at[index].set(jnp.where(valid, 0, a[index]), unique_indices=True)
+                fresh.append(fresh_inputs(jax.random.fold_in(base, i), h, sel, init, flat_p[h.kernel].dtype))
+                layers.append(h)
+                sels.append(sel)
+            steps, inner = reset_units(steps, params, inner, layers, sels, fresh, absorb)
+            return steps, inner, util, mean_act, age
+
+        if todo:  # the replacement work runs only at a step that replaces (a select under vmap)
+            any_n = jnp.any(jnp.stack([t[3] for t in todo]) > 0)
+            steps, inner, util, mean_act, age = jax.lax.cond(
+                any_n, replace, lambda *a: a, steps, inner, util, mean_act, age
+            )
         return steps, CBPState(inner, util, mean_act, age, pending)
 
     def consolidate(state, params, evidence):
