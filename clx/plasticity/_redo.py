@@ -21,16 +21,19 @@ next layer's bias: a recycled unit that was silent on every input leaves the net
 was, one that was only nearly silent changes it by its small contribution.
 
 tau: the official ``BaseRecycler`` defaults ``dead_neurons_threshold=0.0`` (only exactly silent
-units; its shipped Atari configs switch to ``NeuronRecyclerScheduled``, which recycles a fixed
-fraction instead); the paper's text uses tau = 0.025 and 0.1; the loss-of-plasticity code's ReDo
-baseline (Dohare et al. 2024, github shibhansh/loss-of-plasticity ``lop/rl/cfg/ant/redo.yml``,
-``lop/algos/gntRedo.py``) uses threshold 0.1 with ``reset_period`` 100 (its default: 0.01 and 1000).
-clx defaults to tau = 0.1: the value of the plasticity benchmark clx follows and the paper's
-larger value; 0.0 recycles only units that are exactly silent on the whole batch, which a batch of
-16 examples makes a noisy test. ``period`` defaults to 1000 (gntRedo's default).
+units; checked in weight_recyclers.py; its shipped Atari gin configs switch to
+``NeuronRecyclerScheduled``, which recycles a fixed fraction, ``recycle_rate=0.3``, instead); the
+paper's text uses tau = 0.025 and 0.1 (as ``clx.metrics.dormant_fraction`` records; its
+hyperparameter table was not re-read for this module); the loss-of-plasticity code's ReDo baseline
+(Dohare et al. 2024, github shibhansh/loss-of-plasticity ``lop/rl/cfg/ant/redo.yml`` with
+``lop/algos/gntRedo.py``; checked) uses threshold 0.1 with ``reset_period`` 100 (gntRedo's own
+defaults: 0.01 and 1000). clx defaults to tau = 0.1, deliberately: the value of that continual-learning
+baseline and the larger of the paper's two (0.0 recycles only units silent on every example of the
+batch: pass it for the official default). ``period`` defaults to 1000 (gntRedo's default).
 
 Where clx differs from the official code: the scores come from the step's own batch (its taps, before
-the step), not from a separate sample of 256 states after it; keys are ``fold_in(step key, seed)``.
+the step), not from a separate sample of 256 states after it; unit j of the l-th hidden layer draws its
+fresh column from ``fold_in(fold_in(fold_in(step key, seed), l), j)``.
 Under ``jax.vmap`` over seeds the recycling branch (a ``lax.cond``) runs at every step as a select.
 Layers: as :func:`clx.plasticity.cbp` (the hidden layers of consecutive Dense layers; no Conv yet).
 """
