@@ -327,12 +327,12 @@ def dormant_fraction(features, tau: float = 0.0):
     """
     import jax.numpy as jnp
 
+    from clx.plasticity import dormant_scores  # the score ReDo recycles by (one copy)
+
     f = _as_features(features, "dormant_fraction")
     if isinstance(tau, (int, float)) and not tau >= 0:
         raise ValueError(f"dormant_fraction: tau must be >= 0, got {tau!r}; use 0.0 (exactly dead units) or 0.025.")
-    mean_abs = jnp.mean(jnp.abs(f), axis=0)
-    score = mean_abs / (jnp.mean(mean_abs) + _EPS)
-    return jnp.mean((score <= tau).astype(jnp.float32))
+    return jnp.mean((dormant_scores(f) <= tau).astype(jnp.float32))
 
 
 def _singular_values(features, who):
@@ -450,7 +450,9 @@ def plasticity_metrics(model, params, x, y, task_id, *, tau: float = 0.0) -> dic
         out[f"stable_rank/{name}"] = stable_rank(f)
         hidden.append(f)
     if hidden:
-        mean_abs = jnp.concatenate([jnp.mean(jnp.abs(f), axis=0) / (jnp.mean(jnp.abs(f)) + _EPS) for f in hidden])
+        from clx.plasticity import dormant_scores
+
+        mean_abs = jnp.concatenate([dormant_scores(f) for f in hidden])
         out["dormant_fraction"] = jnp.mean((mean_abs <= tau).astype(jnp.float32))
         out["effective_rank"] = jnp.mean(jnp.stack([out[k] for k in out if k.startswith("effective_rank/")]))
         out["stable_rank"] = jnp.mean(jnp.stack([out[k] for k in out if k.startswith("stable_rank/")]))

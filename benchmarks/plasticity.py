@@ -1,0 +1,110 @@
+"""Each plasticity rule's train step against the plain SGD step, measured in one run.
+
+The loss-of-plasticity MLP shape at clx's Permuted-MNIST size (784-100-100-10 with biases, ReLU)
+on random data, batch 16 by default, SGD 0.01 inside every rule:
+
+- ``sgd``: ``clx.chain(optax.sgd(0.01))``, the reference;
+- ``l2_init``: ``clx.chain(l2_init(1e-2), optax.sgd(0.01))`` (Kumar et al. 2023's lambda);
+- ``shrink_perturb_steps``: ``shrink_perturb_steps(optax.sgd(0.01), 1e-5, weight_decay=1e-4)``
+  (Dohare et al. 2024's Permuted MNIST config);
+- ``cbp``: ``cbp(optax.sgd(0.01), 1e-4)`` (decay 0.99, maturity 100: one replacement slot per
+  hidden layer per step);
+- ``redo``: ``redo(optax.sgd(0.01), 0.1, 1000)`` (a recycling step every 1,000 steps).
+
+Every rule runs the trainer's own jitted train-steps program (``clx.train.make_train_steps_fn``,
+``--steps`` steps per call, params and state carried from call to call, so CBP's units are mature
+after the first call and ReDo recycles once per 1,000 steps). After one compiling call per rule, the
+rules are timed in ``--repeats`` interleaved rounds (one call of each per round, so a change of the
+machine's load hits them all alike); each line gives the median over the rounds and its ratio to
+SGD's median, the ratio of the fastest rounds, and every round's time, e.g.
+
+    sgd: 52.1 us/step; rounds 52, 51, 55
+    cbp: 63.0 us/step = 1.21x sgd (fastest rounds: 1.20x); rounds 63, 61, 66
+
+(illustrative numbers, not a measurement).
+
+    python benchmarks/plasticity.py [--steps 1000] [--repeats 5] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from projection_overhead import square_matmul_gflops  # noqa: E402 -- benchmarks/ is sys.path[0]
+
+import clx  # noqa: E402
+from clx.plasticity import cbp, l2_init, redo, shrink_perturb_steps  # noqa: E402
+from clx.train import make_train_steps_fn  # noqa: E402
+
+LR = 0.01
+
+
+def rules():
+    return {
+        "sgd": clx.chain(optax.sgd(LR)),
+        "l2_init": clx.chain(l2_init(1e-2), optax.sgd(LR)),
+        "shrink_perturb_steps": shrink_perturb_steps(optax.sgd(LR), 1e-5, weight_decay=1e-4),
+        "cbp": cbp(optax.sgd(LR), 1e-4),
+        "redo": redo(optax.sgd(LR), 0.1, 1000),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000, help="train steps per timed call")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    model, params = clx.FunctionalModel.from_module(clx.MLP(784, (100, 100), 10, rngs=nnx.Rngs(0)))
+    n = args.steps * args.batch
+    x = jax.random.normal(jax.random.key(1), (n, 784))
+    y = jax.random.randint(jax.random.key(2), (n,), 0, 10)
+    ids = jnp.zeros(n, jnp.int32)
+    key = jax.random.key_data(jax.random.key(0))
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), MLP 784-100-100-10, "
+        f"batch {args.batch}, {args.steps} steps per call, median of {args.repeats} interleaved rounds",
+        flush=True,
+    )
+    print(f"float32 matmul throughput: {square_matmul_gflops():.1f} GFLOP/s (1024x1024 @ 1024x1024)", flush=True)
+    runs = {}
+    for name, rule in rules().items():
+        program = make_train_steps_fn(model, rule, args.batch)(args.steps)
+        carry = [jax.tree.map(jnp.copy, params), rule.init(params)]
+        runs[name] = (program, carry)
+
+    def call(name, epoch):
+        program, carry = runs[name]
+        p, s, loss = program(None, carry[0], carry[1], x, y, ids, key, np.int32(0), np.int32(epoch), np.int32(0))
+        jax.block_until_ready(loss)
+        carry[:] = [p, s]
+
+    for name in runs:
+        call(name, 0)  # compiles
+    times = {name: [] for name in runs}
+    for r in range(args.repeats):
+        for name in runs:
+            t0 = time.perf_counter()
+            call(name, r + 1)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    base, fastest = statistics.median(times["sgd"]), min(times["sgd"])
+    for name, ts in times.items():
+        t, best = statistics.median(ts), min(ts)
+        ratio = "" if name == "sgd" else f" = {t / base:.2f}x sgd (fastest rounds: {best / fastest:.2f}x)"
+        print(f"{name}: {1e6 * t:.1f} us/step{ratio}; rounds {', '.join(f'{1e6 * v:.0f}' for v in ts)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Continual backpropagation: after every step, replace a few mature, low-utility hidden units.
+
+Dohare, Hernandez-Garcia, Lan, Rahman, Mahmood & Sutton 2024, "Loss of plasticity in deep
+continual learning", Nature 632, Methods ("Continual backpropagation", Eq. 1 and the
+algorithm given there); the authors' code github shibhansh/loss-of-plasticity,
+``lop/algos/gnt.py`` (``GnT``, used through ``lop/algos/cbp.py`` on Permuted MNIST) and
+``lop/algos/cbp_linear.py``. Checked against both (gnt.py read whole).
+
+For each hidden layer l (units = columns of kernel l, activations h (N, m) = the input tap of
+kernel l + 1, outgoing weights w = rows of kernel l + 1), after the optimizer's step u:
+
+1. ``age += 1``; with the post-step outgoing weights ``w' = w + u_w`` (gnt.py reads the weights
+   after ``opt.step()``), the contribution utility and the running mean activation
+
+       u_i = decay u_i + (1 - decay) mean_n |h_ni| mean_k |w'_ik|
+       f_i = decay f_i + (1 - decay) mean_n h_ni
+
+   both bias-corrected by ``1 - decay^age_i`` (Adam-style, gnt.py ``update_utility``). The
+   paper's Eq. 1 sums over the outgoing weights, gnt.py takes their mean (``abs().mean(dim=0)``
+   of the (out, in) torch weight): the two differ by the factor n_{l+1}, the same for every unit of
+   the layer, so they pick the same units; clx takes the code's mean.
+   ``utility="adaptable_contribution"`` is gnt.py's other choice (the one its Permuted MNIST
+   config ``lop/permuted_mnist/cfg/cbp.json`` sets): ``mean|w'| mean_n|h_ni - f_i| / mean|w_in,i|``.
+2. Units with ``age > maturity`` are eligible; ``pending += replacement_rate * (number eligible)``,
+   ``n = floor(pending)``, ``pending -= n`` (gnt.py with ``accumulate=True``, as the Permuted MNIST
+   experiment runs it: fractional replacements carry over to later steps).
+3. The n eligible units of lowest bias-corrected utility are replaced: input weights drawn fresh
+   from U(-b, b) (``init``, default the code's Kaiming bound sqrt(2) sqrt(3 / d)), input bias 0,
+   outgoing weights 0, and the next layer's bias absorbs the unit's mean contribution
+   ``w'_i f_i / (1 - decay^age_i)``, so the network's output changes only by the unit's deviation
+   from its mean (not at all for a unit of constant activation, e.g. a dead one). Their utility,
+   mean activation and age restart at 0.
+4. The wrapped optimizer's moments (every params-shaped subtree of its state: Adam's mu and nu,
+   momentum's trace) are zeroed at the replaced units' input weights, input bias and outgoing
+   weights (gnt.py ``update_optim_params``, for its Adam).
+
+Where clx differs from gnt.py, deliberately:
+
+- the bias absorption. gnt.py's ``test_features`` sets ``mean_feature_act[i][replaced] = 0``
+  before ``gen_new_features`` reads it for the absorption, so its absorption always adds 0 (a bug:
+  the comment there says "Update bias to correct for the removed features"); clx reads the mean
+  first, then resets it, as the paper describes;
+- the step count of Adam's bias correction: gnt.py's ``AdamGnT`` keeps a step per entry and resets
+  it; optax's Adam has one count for all entries, which clx leaves as it is, so a replaced weight's
+  first moments are not bias-corrected afresh;
+- the random draws: unit j of the l-th hidden layer (0-based, in ``layers`` order) draws its fresh
+  column from ``fold_in(fold_in(fold_in(step key, seed), l), j)`` instead of torch's global
+  generator (so vmapped seeds draw independently, and a traced rate draws what a concrete one does);
+  gnt.py's non-accumulating mode (a Bernoulli draw for a fraction below 1) is not offered;
+- the means over the batch run over every row of the tap (the trainer pads an epoch's last batch
+  with repeated examples of weight 0, which count here).
+
+Layers: the hidden layers of an MLP's consecutive Dense layers (every one by default, or those
+named by ``layers``: kernel paths, e.g. ``('layers/0/kernel',)``); Conv layers and the last hidden
+layer of a multi-head model (its activation is not tapped) are not supported yet.
+
+Static shapes: a layer of width m has ``K = min(m, ceil(replacement_rate m))`` replacement slots per
+step (``K = m`` when the rate is a traced sweep value; no slots and no replacement when it is a concrete
+0), chosen by ``lax.top_k`` and switched on by ``slot < n``: jit-able and vmappable over seeds. The
+replacement work (top_k, fresh draws, the resets) sits in a ``lax.cond`` on "some layer replaces at this
+step" (with rho = 1e-4 and 100 units, one step in 100); under ``jax.vmap`` it runs at every step as a select.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clx.core import ContinualTransformation
+from clx.plasticity._common import check_unit_interval, need_params
+from clx.plasticity._units import (
+    Selection,
+    check_count,
+    check_init,
+    check_optimizer,
+    fresh_inputs,
+    hidden_layers,
+    need_taps,
+    normalize_layers,
+    reset_units,
+)
+from clx.tree import concrete_float, path_str
+
+_UTILITIES = ("contribution", "adaptable_contribution")
+
+
+class CBPState(NamedTuple):
+    inner: object  # the wrapped optimizer's state
+    utility: dict  # hidden-layer kernel path -> (m,) float32: the running utility u (not bias-corrected)
+    mean_act: dict  # kernel path -> (m,) float32: the running mean activation f (not bias-corrected)
+    age: dict  # kernel path -> (m,) int32: steps since the unit was initialised or last replaced
+    pending: dict  # kernel path -> () float32: the accumulated fractional count of replacements, in [0, 1)
+
+
+def check_decay(who: str, decay) -> None:
+    v = concrete_float(decay)
+    if v is not None and not (0.0 <= v < 1.0):
+        raise ValueError(f"{who}: decay must be in [0, 1), got {v}; the paper uses 0.99.")
+
+
+def _need_key(who, key):
+    if key is None:
+        raise ValueError(
+            f"{who}: update needs key= (it declares the 'key' need); call update(grads, state, params, "
+            "layer_inputs=..., key=k) as the clx trainer does."
+        )
+
+
+def cbp(
+    optimizer: optax.GradientTransformation,
+    replacement_rate=1e-4,
+    decay=0.99,
+    maturity=100,
+    *,
+    seed: int = 0,
+    layers=None,
+    init: str = "kaiming",
+    utility: str = "contribution",
+) -> ContinualTransformation:
+    """Continual backprop (Dohare et al. 2024) around an optimizer: its step, then unit replacement.
+
+    The final update of a step is the optimizer's step ``u`` (bit for bit at every entry not
+    replaced) with the replaced units' input weights set to fresh draws, their input bias and
+    outgoing weights to 0 and their mean contribution added to the next layer's bias (see the module
+    docstring for the utility, the accumulation and where clx differs from the authors' code).
+    ``consolidate`` moves nothing. ``replacement_rate = 0`` is the plain optimizer, bit for bit.
+
+    The rule owns the optimizer (it declares ``"optimizer"``: its updates are the final steps, so the
+    fresh weights are not scaled by a learning rate); chain clx gradient rules before it.
+
+    Args:
+      optimizer: a plain optax optimizer, e.g. ``optax.sgd(0.003)`` (the paper's Permuted MNIST step size).
+      replacement_rate: rho in [0, 1], replacements per eligible unit per step (the paper: 1e-4 on
+        Permuted MNIST, swept over {1e-4, 1e-5, 1e-6}; 3e-4 on Continual ImageNet).
+      decay: eta in [0, 1) of the running utility and mean activation (0.99 in all the paper's experiments).
+      maturity: m >= 1; a unit is eligible when its age exceeds it (100 in the paper).
+      seed: folded into the step key for the fresh weights.
+      layers: None (every hidden layer) or kernel paths of the hidden layers to act on.
+      init: the fresh input weights' bound: "kaiming" (the code's), "torch", "lecun" or "xavier".
+      utility: "contribution" (the paper's Eq. 1) or "adaptable_contribution" (gnt.py's other choice).
+
+    Returns:
+      A ContinualTransformation named "cbp" with state :class:`CBPState`, needing ``"taps"``,
+      ``"key"`` and ``"optimizer"`` (the model must be a ``clx.FunctionalModel``).
+
+    Raises:
+      ValueError: a concrete ``replacement_rate`` outside [0, 1], ``decay`` outside [0, 1),
+        ``maturity`` below 1, an unknown ``init`` or ``utility`` (here); a ``layers`` entry that is not
+        a hidden Dense layer of the params (``init``); ``update`` without params, key or the taps.
+      TypeError: ``optimizer`` is a clx rule or not an optax transformation; ``layers`` not a sequence of str.
+    """
+    who = "cbp"
+    check_optimizer(who, optimizer)
+    check_unit_interval(who, "replacement_rate", replacement_rate)
+    check_decay(who, decay)
+    check_count(who, "maturity", maturity)
+    check_init(who, init)
+    if utility not in _UTILITIES:
+        raise ValueError(f"{who}: utility must be one of {_UTILITIES}, got {utility!r}.")
+    names = normalize_layers(who, layers)
+    seed = int(seed)
+    rate = concrete_float(replacement_rate)
+
+    def slots(m: int) -> int:
+        if rate is None:
+            return m
+        return min(m, math.ceil(rate * m)) if rate > 0 else 0
+
+    def init_fn(params):
+        hidden = hidden_layers(who, params, names)
+
+        def zeros(shape, dtype=jnp.float32):  # a buffer of its own per leaf (the trainer donates the state)
+            return {h.kernel: jnp.zeros(shape(h), dtype) for h in hidden}
+
+        return CBPState(
+            optimizer.init(params),
+            zeros(lambda h: (h.m,)),
+            zeros(lambda h: (h.m,)),
+            zeros(lambda h: (h.m,), jnp.int32),
+            zeros(lambda h: ()),
+        )
+
+    def update(updates, state, params=None, *, layer_inputs=None, key=None, **extra):
+        del extra
+        need_params(who, params)
+        hidden = hidden_layers(who, params, names)
+        need_taps(who, layer_inputs, hidden)
+        _need_key(who, key)
+        steps, inner = optimizer.update(updates, state.inner, params)
+        flat_p = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat_u = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(steps)[0]}
+        base = jax.random.fold_in(key, seed)
+        util, mean_act, age, pending = dict(state.utility), dict(state.mean_act), dict(state.age), dict(state.pending)
+        todo = []  # (index in hidden, layer, slots, count n, u, f, a, corr, w_out) of layers that may replace
+        for i, h in enumerate(hidden):
+            x = layer_inputs[h.out].astype(jnp.float32)  # (N, m): the layer's activations h
+            w_out = (flat_p[h.out] + flat_u[h.out]).astype(jnp.float32)  # (m, k), after the optimizer's step
+            a = state.age[h.kernel] + 1
+            corr = 1.0 - jnp.power(jnp.asarray(decay, jnp.float32), a.astype(jnp.float32))  # (m,) > 0
+            f = decay * state.mean_act[h.kernel] + (1.0 - decay) * jnp.mean(x, axis=0)
+            out_mag = jnp.mean(jnp.abs(w_out), axis=1)
+            if utility == "contribution":
+                inst = jnp.mean(jnp.abs(x), axis=0) * out_mag
+            else:
+                w_in = (flat_p[h.kernel] + flat_u[h.kernel]).astype(jnp.float32)
+                inst = out_mag * jnp.mean(jnp.abs(x - f / corr), axis=0) / jnp.mean(jnp.abs(w_in), axis=0)
+            u = decay * state.utility[h.kernel] + (1.0 - decay) * inst
+            util[h.kernel], mean_act[h.kernel], age[h.kernel] = u, f, a
+            k = slots(h.m)
+            if k == 0:
+                continue
+            eligible = a > maturity
+            n_eligible = jnp.sum(eligible).astype(jnp.float32)
+            acc = state.pending[h.kernel] + replacement_rate * n_eligible
+            n = jnp.clip(jnp.floor(acc), 0.0, jnp.minimum(float(k), n_eligible))
+            pending[h.kernel] = (acc - n).astype(jnp.float32)
+            todo.append((i, h, k, n, jnp.where(eligible, u / corr, jnp.inf), corr, w_out))
+
+        def replace(steps, inner, util, mean_act, age):
+            util, mean_act, age = dict(util), dict(mean_act), dict(age)
+            layers, sels, fresh, absorb = [], [], [], []
+            for i, h, k, n, score, corr, w_out in todo:
+                _, index = jax.lax.top_k(-score, k)  # (k,) the k lowest utilities, eligible units first
+                valid = jnp.arange(k) < n
+                sel = Selection(index, valid)
+                u, f, a = util[h.kernel], mean_act[h.kernel], age[h.kernel]
+                unit_mean = jnp.take(f / corr, index)  # (k,) bias-corrected mean activation, read before its reset
+                contrib = jnp.take(w_out, index, axis=0) * unit_mean[:, None]  # (k, k_next)
+                absorb.append(jnp.sum(jnp.where(valid[:, None], contrib, 0.0), axis=0))
+                util[h.kernel] = u.at[index].set(jnp.where(valid, 0.0, u[index]), unique_indices=True)
+                mean_act[h.kernel] = f.at[index].set(jnp.where(valid, 0.0, f[index]), unique_indices=True)
+                age[h.kernel] = a.at[index].set(jnp.where(valid, 0, a[index]), unique_indices=True)
+                fresh.append(fresh_inputs(jax.random.fold_in(base, i), h, sel, init, flat_p[h.kernel].dtype))
+                layers.append(h)
+                sels.append(sel)
+            steps, inner = reset_units(steps, params, inner, layers, sels, fresh, absorb)
+            return steps, inner, util, mean_act, age
+
+        if todo:  # the replacement work runs only at a step that replaces (a select under vmap)
+            any_n = jnp.any(jnp.stack([t[3] for t in todo]) > 0)
+            steps, inner, util, mean_act, age = jax.lax.cond(
+                any_n, replace, lambda *a: a, steps, inner, util, mean_act, age
+            )
+        return steps, CBPState(inner, util, mean_act, age, pending)
+
+    def consolidate(state, params, evidence):
+        del params, evidence
+        return None, state
+
+    return ContinualTransformation(
+        init_fn, update, consolidate, needs=frozenset({"taps", "key", "optimizer"}), name="cbp"
+    )
