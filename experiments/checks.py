@@ -135,6 +135,11 @@ RULES: dict[str, tuple[Range, str]] = {
     "upgd.step_scale": (POSITIVE, "the gated step's multiple of train.lr (1: the optimizer file, 2: the README)"),
     "spectral.strength": (NONNEGATIVE, "the spectral penalty's strength"),
     "spectral.exponent": (POSITIVE, "k in (sigma_max^k - 1)^2"),
+    "cbp.replacement_rate": (Range(0, 1), "hidden units replaced per layer per step"),
+    "cbp.decay": (Range(0, 1, hi_open=True), "the utility's running-average decay"),
+    "cbp.maturity": (COUNT, "steps a fresh unit is protected from replacement"),
+    "redo.tau": (NONNEGATIVE, "ReDo's dormancy threshold"),
+    "redo.period": (COUNT, "steps between recycles"),
     "eval.plasticity_metrics_tau": (NONNEGATIVE, "ReDo's dormancy threshold for the per-task diagnostics"),
 }
 

@@ -76,6 +76,8 @@ CONTRACT = {
     "l2_init": _registered("l2_init"),
     "shrink_perturb": _registered("shrink_perturb"),
     "shrink_perturb_steps": _registered("shrink_perturb_steps"),
+    "cbp": _registered("cbp"),
+    "redo": _registered("redo"),
     "upgd": _registered("upgd"),
     "spectral": _registered("spectral"),
     # the minimal rule of each hook (tests/_rules.py)

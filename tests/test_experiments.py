@@ -226,6 +226,8 @@ METHOD_RUNS = [
     ("l2_init", {}),
     ("shrink_perturb", {"shrink_perturb.shrink": 0.9, "shrink_perturb.sigma": 0.01}),
     ("shrink_perturb_steps", {}),
+    ("cbp", {"cbp.replacement_rate": 0.01, "cbp.maturity": 5}),
+    ("redo", {"redo.period": 20}),
     ("upgd", {}),
     ("spectral", {}),
     (

@@ -35,7 +35,7 @@ against the task index (``setup1_plasticity.png``).
 from experiments.configs.base import base_config, mnist_dir
 
 VARIANTS = ("sgd", "adam", "label_permuted", "digits", "digits_adam", "digits_label_permuted")
-METHODS = "finetune,l2_init,shrink_perturb,shrink_perturb_steps"
+METHODS = "finetune,l2_init,shrink_perturb,shrink_perturb_steps,cbp,redo,spectral"
 
 
 def get_config(variant: str = "sgd"):
@@ -44,7 +44,7 @@ def get_config(variant: str = "sgd"):
     digits = variant.startswith("digits")
     adam = variant.endswith("adam")
     c = base_config()
-    c.method = METHODS
+    c.method = METHODS if adam else METHODS + ",upgd"  # UPGD is an SGD-like optimizer of its own
     c.data.source = "digits" if digits else "mnist"
     c.data.dir = "" if digits else mnist_dir()
     c.stream.kind = "label_permuted" if variant.endswith("label_permuted") else "permuted"

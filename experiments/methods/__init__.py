@@ -10,7 +10,7 @@ per family and register themselves on import:
 - ``hnet``: hnet;
 - ``regularization``: ewc, online_ewc, si, mas, l2, lwf;
 - ``replay``: er, agem, gem, der, derpp;
-- ``plasticity``: l2_init, shrink_perturb, shrink_perturb_steps, upgd, spectral.
+- ``plasticity``: l2_init, shrink_perturb, shrink_perturb_steps, cbp, redo, upgd, spectral.
 
 Adding a method: write its entry in its family's module (``register(Method(...))``),
 give it a config file in ``experiments/configs/`` that sets its paper's values, and

@@ -9,6 +9,9 @@ plasticity papers compare them. Defaults are the papers' Permuted-MNIST values:
   code defaults; standard normal noise, see ``clx.plasticity.shrink_perturb``);
 - ``shrink_perturb_steps``: every step, weight decay 1e-4 and noise std 1e-5 (Dohare et al.
   2024's ``snp.json``: weight decay 1e-4, perturb_scale swept over 1e-4 / 1e-5 / 1e-6);
+- ``cbp``: replacement rate 1e-4, decay 0.99, maturity 100, the paper's contribution utility;
+- ``redo``: tau 0.1 (the paper's text and the loss-of-plasticity code's baseline; the official
+  dopamine code's default is 0), every 1,000 steps;
 - ``upgd``: the README's UPGD values (beta_u 0.999, sigma 1e-3, weight decay 1e-3) with the
   optimizer file's step (lr, not 2 lr); its step size is ``train.lr`` (UPGD is the optimizer);
 - ``spectral``: strength 1e-4, k = 2 (not checked against the paper's text: see
@@ -145,3 +148,47 @@ def spectral_rule(config, model, hp=None):
 SPECTRAL = register(
     Method("spectral", spectral_rule, config=spectral_config, sweepable=("spectral.strength", "train.lr"))
 )
+
+
+def cbp_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.replacement_rate = 1e-4  # units replaced per hidden layer per step (Dohare et al. 2024: 1e-4..1e-6)
+    c.decay = 0.99  # the utility's running-average decay (eta in Eq. 1)
+    c.maturity = 100  # steps a fresh unit is protected from replacement
+    c.utility = "contribution"  # the paper's Eq. 1 | adaptable_contribution (the code's Permuted-MNIST config)
+    return c
+
+
+def cbp_rule(config, model, hp=None):
+    """``clx.plasticity.cbp(optimizer, ...)`` (the rule owns the optimizer, to reset replaced units' moments)."""
+    del model
+    b = config.cbp
+    rate = swept(config, hp, "cbp.replacement_rate", float(b.replacement_rate))
+    return clx.plasticity.cbp(
+        optimizer(config, hp),
+        rate,
+        float(b.decay),
+        int(b.maturity),
+        seed=int(config.seed),
+        utility=str(b.utility),
+    )
+
+
+CBP = register(Method("cbp", cbp_rule, config=cbp_config, sweepable=("cbp.replacement_rate", "train.lr")))
+
+
+def redo_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.tau = 0.1  # a unit with mean|h_i| / mean_j mean|h_j| <= tau is dormant (the official code's default: 0)
+    c.period = 1000  # steps between recycles
+    return c
+
+
+def redo_rule(config, model, hp=None):
+    """``clx.plasticity.redo(optimizer, tau, period)`` (the rule owns the optimizer)."""
+    del model
+    tau = swept(config, hp, "redo.tau", float(config.redo.tau))
+    return clx.plasticity.redo(optimizer(config, hp), tau, int(config.redo.period), seed=int(config.seed))
+
+
+REDO = register(Method("redo", redo_rule, config=redo_config, sweepable=("redo.tau", "train.lr")))
