@@ -451,12 +451,15 @@ def _plasticity_figure(table: dict, out: pathlib.Path, name: str) -> None:
             if not curves:
                 continue
             curves = np.stack(curves)
+            width = max(1, curves.shape[1] // 50)  # long streams: means over bins of tasks, as the papers plot
+            bins = curves.shape[1] // width
+            curves = curves[:, : bins * width].reshape(len(curves), bins, width).mean(-1)
             mean, std = scale * curves.mean(0), scale * curves.std(0)
-            x = np.arange(1, len(mean) + 1)
+            x = width * np.arange(bins) + (width + 1) / 2
             (line,) = ax.plot(x, mean, lw=1.2, label=row["label"])
             if len(curves) > 1:
                 ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
-        ax.set_xlabel("task index")
+        ax.set_xlabel("task index" + (f" (means over bins of {width} tasks)" if width > 1 else ""), fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     handles, labels = fig.axes[0].get_legend_handles_labels()

@@ -5,8 +5,9 @@ so one config runs "backprop" (``finetune``) and every cure with SGD or with Ada
 plasticity papers compare them. Defaults are the papers' Permuted-MNIST values:
 
 - ``l2_init``: lambda 1e-2 (Kumar, Marklund & Van Roy 2023, Table 3);
-- ``shrink_perturb``: at task boundaries, shrink 0.4 and sigma 0.1 (Ash & Adams 2020's
-  code defaults; standard normal noise, see ``clx.plasticity.shrink_perturb``);
+- ``shrink_perturb``: at task boundaries, shrink 0.4 (Ash & Adams 2020's code default) and
+  standard normal noise of std 0.005 (their perturb 0.1 scales a fresh init, about 0.1 x 0.02-0.06
+  on these layers; see ``clx.plasticity.shrink_perturb``);
 - ``shrink_perturb_steps``: every step, weight decay 1e-4 and noise std 1e-5 (Dohare et al.
   2024's ``snp.json``: weight decay 1e-4, perturb_scale swept over 1e-4 / 1e-5 / 1e-6);
 - ``cbp``: replacement rate 1e-4, decay 0.99, maturity 100, the paper's contribution utility;
@@ -45,7 +46,9 @@ L2_INIT = register(Method("l2_init", l2_init_rule, config=l2_init_config, sweepa
 def shrink_perturb_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.shrink = 0.4  # Ash & Adams 2020's code default (theta <- shrink theta + sigma eps at each task boundary)
-    c.sigma = 0.1  # their perturb default
+    # Their perturb 0.1 multiplies a fresh initialisation (std about 0.02-0.06 for fan-ins 784-100 under PyTorch's
+    # init); clx's eps is standard normal, so 0.005 is noise of that size (0.1 here would re-randomise the net).
+    c.sigma = 0.005
     return c
 
 
