@@ -437,6 +437,7 @@ def _plasticity_figure(table: dict, out: pathlib.Path, name: str) -> None:
     fig.set_size_inches(4.6 * cols + 2.2, 3.2 * nrows)
     for k, (key, label, scale) in enumerate(panels):
         ax = fig.add_subplot(nrows, cols, k + 1)
+        width = 1
         for row in table["rows"]:
             curves = []
             for g in row["runs"]:
