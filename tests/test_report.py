@@ -164,15 +164,18 @@ def test_write_summary(tmp_path):
         "learning",
         "acc",
         "%",
+        "online",
+        "acc",
+        "%",
         "wall",
         "s",
     ]
     gpm = lines[2].split()
     # 2.54/3 -> 84.67 %, -0.15 -> -15.00 %, 0.045 -> +4.50 %, 0.15 -> 15.00 %,
     # 2.84/3 -> 94.67 %, 12.5 s.
-    assert gpm == ["gpm", "84.67", "-15.00", "+4.50", "15.00", "94.67", "12.5"]
-    assert lines[3].split() == ["ewc", "90.16", "-4.00", "n/a", "5.00", "93.00", "3.0"]
-    assert lines[4].split() == ["sgd", "50.00", "n/a", "n/a", "n/a", "n/a", "n/a"]
+    assert gpm == ["gpm", "84.67", "-15.00", "+4.50", "15.00", "94.67", "n/a", "12.5"]
+    assert lines[3].split() == ["ewc", "90.16", "-4.00", "n/a", "5.00", "93.00", "n/a", "3.0"]
+    assert lines[4].split() == ["sgd", "50.00", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"]
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary) == ["gpm", "ewc", "sgd"]
@@ -217,3 +220,33 @@ def test_report_over_a_directory_without_results_raises_and_writes_nothing(tmp_p
     with pytest.raises(ValueError, match="does not exist"):
         report.build_report([tmp_path / "missing"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_report_of_a_long_stream_draws_the_plasticity_figure_with_binned_curves(tmp_path):
+    T = 120  # more than 50 tasks: means over bins of 2 tasks
+    R = np.full((T, T), nan)
+    R[np.arange(T), np.arange(T)] = np.linspace(0.9, 0.6, T)
+    for seed in (0, 1):
+        results = _results(
+            method="finetune",
+            accuracy_matrix=R,
+            acc=nan,
+            bwt=nan,
+            forgetting=nan,
+            online_acc=0.5,
+            online_accuracy=np.linspace(0.8, 0.4, T),
+            task_metrics={"dormant_fraction": np.linspace(0, 0.3, T), "weight_norm": np.linspace(5, 9, T)},
+            config={"eval": {"tasks": "current"}, "seed": seed},
+            member={"seed": seed, "members": 2},
+        )
+        report.write_results(tmp_path / "run" / f"seed_{seed}", results)
+    text = report.build_report([tmp_path / "run"], tmp_path / "out")
+    row = next(line for line in text.splitlines() if line.startswith("| finetune | 2 |"))
+    cells = row.split(" | ")
+    assert (
+        cells[2:4] == ["n/a", "n/a"] and cells[5] == "n/a" and cells[7] == "50.00 ± 0.00"
+    )  # ACC BWT forgetting online
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["REPORT.md", "setup1_plasticity.png"]  # no ACC-vs-tasks figure for unscored old tasks
+    assert (tmp_path / "out" / "setup1_plasticity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / "seed_0" / "accuracy_matrix.png").stat().st_size < 2_000_000  # capped heatmap
