@@ -74,6 +74,8 @@ TABLES: dict[str, dict[str, tuple]] = {
         for m, acc in {
             "gpm": 93.91,
             "sgp": None,  # Saha & Roy 2023 report no Permuted-MNIST number
+            "adam_nscl": None,  # Wang et al. 2021 report none either (CIFAR-100, TinyImageNet only)
+            "ogd": 82.73,  # GPM's rerun of OGD
         }.items()
     },
 }

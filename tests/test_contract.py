@@ -36,6 +36,7 @@ def _registered(name):
         for block in ("gpm", "sgp"):  # GPM's memory: one threshold per layer of this model
             config[block].threshold = (0.9, 0.9)
             config[block].num_samples = 24  # the evidence sample below
+        config.ogd.memory_per_task = 16  # gradients from the evidence sample below
         if "hnet" in config:
             config.hnet.chunk_dim = 500
             config.hnet.hidden = (8,)
@@ -61,6 +62,8 @@ CONTRACT = {
     "joint": _registered("joint"),
     "gpm": _registered("gpm"),
     "sgp": _registered("sgp"),
+    "adam_nscl": _registered("adam_nscl"),
+    "ogd": _registered("ogd"),
     "hnet": _registered("hnet"),
     "ewc": _registered("ewc"),
     "online_ewc": _registered("online_ewc"),

@@ -212,6 +212,8 @@ METHOD_RUNS = [
     ("joint", {}),
     ("gpm", {}),
     ("sgp", {}),
+    ("adam_nscl", {"adam_nscl.lr": 1e-3, "adam_nscl.later_lr": 0.0}),
+    ("ogd", {"ogd.memory_per_task": 50}),
     ("ewc", {"ewc.lam": 1.0}),
     ("online_ewc", {"online_ewc.lam": 1.0}),
     ("si", {"si.c": 1.0}),

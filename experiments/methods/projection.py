@@ -1,4 +1,5 @@
-"""The gradient-projection family: GPM (Saha, Garg, Roy 2021), SGP (Saha & Roy 2023)."""
+"""The gradient-projection family: GPM (Saha, Garg, Roy 2021), SGP (Saha & Roy 2023), Adam-NSCL (Wang, Li, Sun,
+Xu 2021), OGD (Farajtabar, Azizan, Mott, Li 2020)."""
 
 from __future__ import annotations
 
@@ -101,5 +102,179 @@ SGP = register(
         sweepable=("sgp.threshold", "sgp.alpha", "train.lr"),
         results=sgp_results,
         evidence_samples=_evidence_samples("sgp"),
+    )
+)
+
+
+# --- Adam-NSCL -------------------------------------------------------------------------------------------------------
+
+#: ``adam_nscl.covariance`` values (``clx.projection.adam_nscl``'s).
+NSCL_COVARIANCES = ("inputs", "batch_means")
+
+
+def adam_nscl_config() -> ml_collections.ConfigDict:
+    """``config.adam_nscl``: the official code's values (ShipengWang/Adam-NSCL, ``scripts_svd/adamnscl.sh`` for
+    10-split CIFAR-100, as read for ``clx.projection._adam_nscl``).
+
+    The rule owns its optimizer (Adam), so ``config.train.optimizer``, ``train.lr`` and ``train.momentum`` do
+    not apply to it: its learning rates are ``lr`` (the first task) and ``later_lr`` (every later task);
+    ``train.batch_size`` and ``train.epochs`` do.
+    """
+    c = ml_collections.ConfigDict()
+    c.a = 10.0  # null space: eigenvalues <= a * lambda_min of the accumulated covariance (the code's svd_thres)
+    c.lr = 1e-4  # Adam's learning rate on the first task (the code's model_lr)
+    c.later_lr = 5e-5  # on every later task (svd_lr); 0: lr throughout
+    c.weight_decay = 5e-5  # coupled L2 added to the gradient before Adam (model_weight_decay)
+    c.num_samples = 0  # examples per task averaged into the covariance; 0: the whole task (the code's hook)
+    c.covariance = "inputs"  # inputs (the paper: every input) | batch_means (the code: outer products of batch means)
+    c.batch_size = 32  # the batch of covariance="batch_means" (the code's batch_size)
+    c.normalize_projector = False  # divide U U^T by its Frobenius norm, as the code does (the paper does not)
+    c.reset_adam = True  # a new Adam per task (the code's reset_model_opt)
+    return c
+
+
+def _nscl_args(config) -> dict:
+    c = config.adam_nscl
+    return dict(
+        weight_decay=float(c.weight_decay),
+        covariance=str(c.covariance),
+        batch_size=int(c.batch_size) if c.covariance == "batch_means" else None,
+        normalize_projector=bool(c.normalize_projector),
+        reset_adam=bool(c.reset_adam),
+    )
+
+
+def adam_nscl_rule(config, model, hp=None):
+    """``clx.chain(clx.projection.adam_nscl(...))``: the rule is the whole optimizer (its own Adam; nothing of
+    ``config.train`` but the batch size and epochs applies). ``hp``: a swept ``adam_nscl.a`` or ``adam_nscl.lr``
+    (with ``later_lr`` 0 the swept rate holds for every task; with ``later_lr`` > 0 it sets the first task's only)."""
+    del model
+    c = config.adam_nscl
+    a = swept(config, hp, "adam_nscl.a", float(c.a))
+    lr = swept(config, hp, "adam_nscl.lr", float(c.lr))
+    later = float(c.later_lr) or None
+    return clx.chain(clx.projection.adam_nscl(lr, a, later_learning_rate=later, **_nscl_args(config)))
+
+
+def _check_adam_nscl(config) -> None:
+    """The values one range cannot say alone: the covariance kind (a string), the rule's own checks."""
+    c = config.adam_nscl
+    if c.covariance not in NSCL_COVARIANCES:
+        raise ValueError(
+            f"config.adam_nscl.covariance must be one of {NSCL_COVARIANCES}, got {c.covariance!r} (inputs: the "
+            "paper's covariance of every input; batch_means: the official code's estimate)."
+        )
+    if c.covariance == "batch_means" and int(c.num_samples) and int(c.num_samples) < int(c.batch_size):
+        raise ValueError(
+            f"config.adam_nscl.num_samples={c.num_samples} is below adam_nscl.batch_size={c.batch_size}: "
+            "covariance='batch_means' averages whole batches of the evidence; raise num_samples (0: the whole "
+            "task) or lower batch_size."
+        )
+    clx.projection.adam_nscl(
+        float(c.lr), float(c.a), later_learning_rate=float(c.later_lr) or None, **_nscl_args(config)
+    )
+
+
+def adam_nscl_results(rule_state, member) -> dict:
+    """``adam_nscl_null_space_dims``: ``{kernel path: dim of the update space}`` after the last task (the input
+    dimension d before any task), read from each projector P as ``tr(P)^2 / ||P||_F^2`` (= rank U for
+    ``U U^T`` and for the code's normalised ``U U^T / ||U U^T||_F`` alike)."""
+    state = next(s for s in rule_state if isinstance(s, clx.projection.AdamNSCLState))
+    dims = {}
+    for k, p in state.projectors.items():
+        p = np.asarray(p, np.float64)
+        if member is not None:
+            p = p[member]
+        fro = float(np.sum(p * p))
+        dims[k] = int(round(float(np.trace(p)) ** 2 / fro)) if fro > 0 else 0
+    return {"adam_nscl_null_space_dims": dims}
+
+
+#: Stand-in for "the whole task": ``clx.fit`` caps the evidence sample at the task's size.
+WHOLE_TASK = 2**31 - 1
+
+
+ADAM_NSCL = register(
+    Method(
+        "adam_nscl",
+        adam_nscl_rule,
+        config=adam_nscl_config,
+        sweepable=("adam_nscl.a", "adam_nscl.lr"),
+        results=adam_nscl_results,
+        evidence_samples=lambda config: int(config.adam_nscl.num_samples) or WHOLE_TASK,
+        check=_check_adam_nscl,
+    )
+)
+
+
+# --- OGD -------------------------------------------------------------------------------------------------------------
+
+
+def ogd_config() -> ml_collections.ConfigDict:
+    """``config.ogd``: Farajtabar et al. 2020 (200 ground-truth-logit gradients per task, every parameter).
+
+    OGD replaces SGD's step: it is chained before ``config.train``'s optimizer (the paper: plain SGD, lr 1e-3;
+    with momentum or Adam the step is no longer the projected gradient).
+    """
+    c = ml_collections.ConfigDict()
+    c.memory_per_task = 200  # gradients stored per task (the paper's 200)
+    c.num_tasks = 0  # tasks the memory holds (its rows: memory_per_task x num_tasks); 0: config.stream.num_tasks
+    c.exclude = ""  # comma-separated param paths or prefixes left out (e.g. 'head': train a MultiHead's heads freely)
+    c.tol = 1e-4  # a gradient whose residual after Gram-Schmidt is <= tol x its norm is dropped
+    c.max_gib = 2.0  # refuse a memory larger than this (memory_per_task x num_tasks x params x 4 bytes)
+    return c
+
+
+def _ogd_args(config) -> dict:
+    c = config.ogd
+    tasks = int(c.num_tasks) or int(config.stream.num_tasks)
+    exclude = tuple(e.strip() for e in str(c.exclude).split(",") if e.strip())
+    return dict(num_tasks=tasks, exclude=exclude, tol=float(c.tol), max_bytes=int(float(c.max_gib) * 2**30))
+
+
+def ogd_rule(config, model, hp=None):
+    """``clx.chain(clx.projection.ogd(...), optimizer)``; ``hp``: a swept ``train.lr``."""
+    del model
+    return clx.chain(clx.projection.ogd(int(config.ogd.memory_per_task), **_ogd_args(config)), optimizer(config, hp))
+
+
+def _check_ogd(config) -> None:
+    c = config.ogd
+    subset = int(config.stream.get("train_subset", 0))
+    if 0 < subset < int(c.memory_per_task):
+        raise ValueError(
+            f"config.ogd.memory_per_task={c.memory_per_task} exceeds the {subset} training examples per task "
+            f"(config.stream.train_subset): OGD stores the gradients of memory_per_task of them; lower "
+            f"ogd.memory_per_task to <= {subset}."
+        )
+    if int(c.num_tasks) and int(c.num_tasks) < int(config.stream.num_tasks):
+        raise ValueError(
+            f"config.ogd.num_tasks={c.num_tasks} is smaller than config.stream.num_tasks={config.stream.num_tasks}: "
+            f"the memory has no rows for the later tasks' gradients; set ogd.num_tasks to 0 (the stream's) or "
+            f">= {config.stream.num_tasks}."
+        )
+    clx.projection.ogd(int(c.memory_per_task), **_ogd_args(config))
+
+
+def ogd_results(rule_state, member) -> dict:
+    """``ogd_stored_directions`` (orthonormal gradients kept after the last task; dependent ones are dropped) and
+    ``ogd_projected_params`` (P, the length of each stored vector)."""
+    state = next(s for s in rule_state if isinstance(s, clx.projection.OGDState))
+    count = np.asarray(state.count)
+    return {
+        "ogd_stored_directions": int(count if member is None else count[member]),
+        "ogd_projected_params": int(state.vectors.shape[-1]),
+    }
+
+
+OGD = register(
+    Method(
+        "ogd",
+        ogd_rule,
+        config=ogd_config,
+        sweepable=("train.lr",),
+        results=ogd_results,
+        evidence_samples=lambda config: int(config.ogd.memory_per_task),
+        check=_check_ogd,
     )
 )
