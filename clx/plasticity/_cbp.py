@@ -71,12 +71,11 @@ import jax.numpy as jnp
 import optax
 
 from clx.core import ContinualTransformation
-from clx.plasticity._common import check_unit_interval, need_params
+from clx.plasticity._common import check_optimizer, check_unit_interval, need_params
 from clx.plasticity._units import (
     Selection,
     check_count,
     check_init,
-    check_optimizer,
     fresh_inputs,
     hidden_layers,
     need_taps,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from clx.core import ContinualTransformation
 from clx.tree import check_nonnegative, concrete_float  # noqa: F401 (re-exported)
 
 
@@ -34,3 +35,14 @@ def normal_like(key: jax.Array, tree):
     keys = jax.random.split(key, max(len(leaves), 1))
     noise = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
     return jax.tree.unflatten(treedef, noise)
+
+
+def check_optimizer(who: str, optimizer) -> None:
+    """TypeError unless ``optimizer`` is a plain optax transformation (a clx rule would lose its hooks)."""
+    if isinstance(optimizer, ContinualTransformation):
+        raise TypeError(
+            f"{who}: optimizer must be a plain optax optimizer (e.g. optax.sgd(0.01)), got the clx rule "
+            f"{optimizer.name!r}; chain clx rules before this one instead."
+        )
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(f"{who}: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}.")

@@ -47,12 +47,11 @@ import jax.numpy as jnp
 import optax
 
 from clx.core import ContinualTransformation
-from clx.plasticity._common import check_nonnegative, need_params
+from clx.plasticity._common import check_nonnegative, check_optimizer, need_params
 from clx.plasticity._units import (
     Selection,
     check_count,
     check_init,
-    check_optimizer,
     fresh_inputs,
     hidden_layers,
     need_taps,

@@ -39,7 +39,7 @@ import jax
 import optax
 
 from clx.core import ContinualTransformation
-from clx.plasticity._common import check_nonnegative, check_unit_interval, need_params, normal_like
+from clx.plasticity._common import check_nonnegative, check_optimizer, check_unit_interval, need_params, normal_like
 
 
 class ShrinkPerturbState(NamedTuple):
@@ -157,13 +157,7 @@ def shrink_perturb_steps(
       TypeError: ``optimizer`` is a clx rule (its boundary hooks would be lost) or not an optax transform.
     """
     who = "shrink_perturb_steps"
-    if isinstance(optimizer, ContinualTransformation):
-        raise TypeError(
-            f"{who}: optimizer must be a plain optax optimizer (e.g. optax.sgd(0.003)), got the clx rule "
-            f"{optimizer.name!r}; chain clx rules before this one instead."
-        )
-    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
-        raise TypeError(f"{who}: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}.")
+    check_optimizer(who, optimizer)
     _check(who, shrink, sigma)
     check_nonnegative(who, "weight_decay", weight_decay)
     seed = int(seed)

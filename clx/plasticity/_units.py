@@ -18,7 +18,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clx.core import ContinualTransformation
 from clx.tree import concrete_float, path_str
 
 #: Bound b of the uniform U(-b, b) a fresh input weight is drawn from, by fan_in d and fan_out m. "kaiming":
@@ -42,17 +41,6 @@ class Hidden(NamedTuple):
     out_bias: str | None  # path of the next layer's (k,) bias, None without one
     d: int
     m: int
-
-
-def check_optimizer(who: str, optimizer) -> None:
-    """TypeError unless ``optimizer`` is a plain optax transformation (a clx rule would lose its hooks)."""
-    if isinstance(optimizer, ContinualTransformation):
-        raise TypeError(
-            f"{who}: optimizer must be a plain optax optimizer (e.g. optax.sgd(0.01)), got the clx rule "
-            f"{optimizer.name!r}; chain clx rules before this one instead."
-        )
-    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
-        raise TypeError(f"{who}: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}.")
 
 
 def check_init(who: str, init: str) -> None:
