@@ -35,7 +35,7 @@ from clx.hnet import (
     recurrent_hypernetwork,
 )
 from clx.models import MLP
-from clx.projection import GPMState, SGPState, gpm, sgp
+from clx.projection import AdamNSCLState, GPMState, OGDState, SGPState, adam_nscl, gpm, ogd, sgp
 from clx.regularization import (
     EWCState,
     L2State,
@@ -75,11 +75,15 @@ __all__ = [
     "plasticity",
     "merging",
     "hnet",
-    # projection: subspaces and GPM
+    # projection: subspaces, GPM and its family
+    "AdamNSCLState",
     "GPMState",
+    "OGDState",
     "SGPState",
     "Subspace",
+    "adam_nscl",
     "gpm",
+    "ogd",
     "sgp",
     "subspace",
     # regularization
