@@ -455,3 +455,26 @@ def test_split_cifar100_trains_on_tfds_mock_data(tmp_path):
         A = np.asarray(r["accuracy_matrix"])
         assert A.shape == (10, 10) and np.isnan(A[~evaluated]).all(), name
         assert np.isfinite(A[evaluated]).all() and (0 <= A[evaluated]).all() and (A[evaluated] <= 1).all(), name
+
+
+def test_pmnist_plasticity_digits_scores_the_current_task_and_records_the_diagnostics(tmp_path):
+    from experiments.configs import pmnist_plasticity
+
+    c = pmnist_plasticity.get_config("digits_adam")
+    c.method, c.stream.num_tasks, c.progress = "finetune,l2_init", 3, False
+    rows = run(c, str(tmp_path))
+    for name in ("finetune", "l2_init"):
+        saved = _json(tmp_path / name / "results.json")
+        R = np.array(saved["accuracy_matrix"], dtype=float)
+        assert np.isnan(R[2, 0]) and np.all(np.isfinite(np.diag(R)))  # old tasks not scored, each new one is
+        assert np.isnan(saved["acc"]) and 0.2 < saved["learning_accuracy"] <= 1.0
+        assert len(saved["online_accuracy"]) == 3
+        assert saved["online_acc"] == pytest.approx(np.mean(saved["online_accuracy"]))
+        metrics = saved["task_metrics"]
+        assert {"dormant_fraction", "effective_rank", "weight_norm", "gradient_norm"} <= set(metrics)
+        assert all(len(v) == 3 and np.all(np.isfinite(v)) for v in metrics.values())
+        assert rows[name]["method"] == name
+    with pytest.raises(ValueError, match="config.eval.tasks must be one of"):
+        c.eval.tasks = "all"
+        run(c, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
