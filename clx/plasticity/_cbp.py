@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import optax
 
 from clx.core import ContinualTransformation
-from clx.plasticity._common import check_optimizer, check_unit_interval, need_params
+from clx.plasticity._common import check_optimizer, check_unit_interval, need_key, need_params
 from clx.plasticity._units import (
     Selection,
     check_count,
@@ -99,14 +99,6 @@ def check_decay(who: str, decay) -> None:
     v = concrete_float(decay)
     if v is not None and not (0.0 <= v < 1.0):
         raise ValueError(f"{who}: decay must be in [0, 1), got {v}; the paper uses 0.99.")
-
-
-def _need_key(who, key):
-    if key is None:
-        raise ValueError(
-            f"{who}: update needs key= (it declares the 'key' need); call update(grads, state, params, "
-            "layer_inputs=..., key=k) as the clx trainer does."
-        )
 
 
 def cbp(
@@ -188,7 +180,7 @@ def cbp(
         need_params(who, params)
         hidden = hidden_layers(who, params, names)
         need_taps(who, layer_inputs, hidden)
-        _need_key(who, key)
+        need_key(who, key)
         steps, inner = optimizer.update(updates, state.inner, params)
         flat_p = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
         flat_u = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(steps)[0]}

@@ -23,6 +23,15 @@ def need_params(who: str, params) -> None:
         raise ValueError(f"{who}: update needs the params; call update(grads, state, params) as the clx trainer does.")
 
 
+def need_key(who: str, key) -> None:
+    """Raises ValueError when ``update`` was called without ``key`` (a rule that declares the "key" need)."""
+    if key is None:
+        raise ValueError(
+            f"{who}: update needs key= (it declares the 'key' need); call update(grads, state, params, key=k) "
+            "as the clx trainer does."
+        )
+
+
 def copy_tree(tree):
     """A copy of every leaf (so stored params never alias live buffers the trainer donates)."""
     return jax.tree.map(jnp.array, tree)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import optax
 
 from clx.core import ContinualTransformation
-from clx.plasticity._common import check_nonnegative, check_optimizer, need_params
+from clx.plasticity._common import check_nonnegative, check_optimizer, need_key, need_params
 from clx.plasticity._units import (
     Selection,
     check_count,
@@ -129,8 +129,7 @@ def redo(
         need_params(who, params)
         hidden = hidden_layers(who, params, names)
         need_taps(who, layer_inputs, hidden)
-        if key is None:
-            raise ValueError(f"{who}: update needs key= (it declares the 'key' need), as the clx trainer passes it.")
+        need_key(who, key)
         steps, inner = optimizer.update(updates, state.inner, params)
         count = state.count + 1
         flat_p = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -39,7 +39,14 @@ import jax
 import optax
 
 from clx.core import ContinualTransformation
-from clx.plasticity._common import check_nonnegative, check_optimizer, check_unit_interval, need_params, normal_like
+from clx.plasticity._common import (
+    check_nonnegative,
+    check_optimizer,
+    check_unit_interval,
+    need_key,
+    need_params,
+    normal_like,
+)
 
 
 class ShrinkPerturbState(NamedTuple):
@@ -49,14 +56,6 @@ class ShrinkPerturbState(NamedTuple):
 def _check(who, shrink, sigma):
     check_unit_interval(who, "shrink", shrink)
     check_nonnegative(who, "sigma", sigma)
-
-
-def _need_key(who, key):
-    if key is None:
-        raise ValueError(
-            f"{who}: update needs key= (it declares the 'key' need); call update(grads, state, params, key=k) "
-            "as the clx trainer does."
-        )
 
 
 def shrink_perturb(
@@ -101,7 +100,7 @@ def shrink_perturb(
 
     def update(updates, state, params=None, *, key=None, **extra):
         del params, extra
-        _need_key("shrink_perturb", key)
+        need_key("shrink_perturb", key)
         return updates, ShrinkPerturbState(jax.random.key_data(jax.random.fold_in(key, seed)))
 
     def consolidate(state, params, evidence):
@@ -168,7 +167,7 @@ def shrink_perturb_steps(
     def update(updates, state, params=None, *, key=None, **extra):
         del extra
         need_params(who, params)
-        _need_key(who, key)
+        need_key(who, key)
         grads = jax.tree.map(lambda g, p: g + (weight_decay * p).astype(g.dtype), updates, params)
         steps, inner = optimizer.update(grads, state.inner, params)
         eps = normal_like(jax.random.fold_in(key, seed), params)

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from clx.core import ContinualTransformation
-from clx.plasticity._common import check_nonnegative, need_params, normal_like
+from clx.plasticity._common import check_nonnegative, need_key, need_params, normal_like
 from clx.tree import concrete_float
 
 
@@ -141,11 +141,7 @@ def upgd(
     def update(updates, state, params=None, *, key=None, **extra):
         del extra
         need_params(who, params)
-        if key is None:
-            raise ValueError(
-                f"{who}: update needs key= (it declares the 'key' need); call update(grads, state, params, key=k) "
-                "as the clx trainer does."
-            )
+        need_key(who, key)
         count = state.count + 1
         utility = jax.tree.map(
             lambda u, g, p: (beta_utility * u + (1.0 - beta_utility) * (-g * p)).astype(u.dtype),
