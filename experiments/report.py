@@ -397,8 +397,9 @@ def _figure():
     return fig
 
 
-def _save(fig, path: pathlib.Path) -> None:
-    fig.tight_layout()
+def _save(fig, path: pathlib.Path, rect=None) -> None:
+    """Lays the figure out (inside ``rect``, figure fractions, when a legend sits outside it) and writes the PNG."""
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     _atomic_write(path, buf.getvalue())
@@ -465,10 +466,7 @@ def _plasticity_figure(table: dict, out: pathlib.Path, name: str) -> None:
         ax.grid(alpha=0.3)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_size_inches()[0], 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _atomic_write(out / name, buf.getvalue())
+    _save(fig, out / name, rect=(0, 0, 1 - 2.0 / fig.get_size_inches()[0], 1))
 
 
 def _report_figures(table: dict, out: pathlib.Path, prefix: str) -> list[str]:
