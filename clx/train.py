@@ -175,17 +175,22 @@ class FitOptions:
             object.__setattr__(self, "checkpoint", CheckpointOptions(self.checkpoint))
         if self.member_axis not in MEMBER_AXES:
             raise ValueError(f"member_axis must be one of {MEMBER_AXES}, got {self.member_axis!r}.")
-        if self.evaluate not in EVALUATE:
-            raise ValueError(
-                f"evaluate must be one of {EVALUATE}, got {self.evaluate!r}: 'seen' scores tasks 0..t+1 after task t "
-                "(the full accuracy matrix), 'current' only tasks t and t+1 (long streams)."
-            )
+        check_evaluate(self.evaluate)
         if self.task_metrics is not None and not callable(self.task_metrics):
             raise TypeError(
                 f"task_metrics must be a function (params, x, y, task_id) -> dict of scalars, "
                 f"got {type(self.task_metrics).__name__}."
             )
         _check_count("scan_unroll", self.scan_unroll)
+
+
+def check_evaluate(value, name: str = "evaluate") -> None:
+    """Raises ValueError unless ``value`` is one of :data:`EVALUATE` (``name`` says where it came from)."""
+    if value not in EVALUATE:
+        raise ValueError(
+            f"{name} must be one of {EVALUATE}, got {value!r}: 'seen' scores tasks 0..t+1 after task t (the "
+            "accuracy matrix), 'current' only tasks t and t+1 (long streams; ACC, BWT and forgetting are then n/a)."
+        )
 
 
 def _check_count(name: str, value, minimum: int = 1) -> int:

@@ -69,12 +69,7 @@ def prepare(config) -> Plan:
     """
     checks.check_config(config)
     chosen = [methods.get(name) for name in methods.parse(config.method)]
-    if config.eval.tasks not in clx.train.EVALUATE:
-        raise ValueError(
-            f"config.eval.tasks must be one of {clx.train.EVALUATE}, got {config.eval.tasks!r}: 'seen' scores every "
-            "task seen so far after each task (the accuracy matrix), 'current' only the task just trained and the "
-            "next (long streams; ACC, BWT and forgetting are then n/a)."
-        )
+    clx.train.check_evaluate(config.eval.tasks, "config.eval.tasks")
     if config.stream.kind not in data.KINDS:
         raise ValueError(f"unknown stream.kind {config.stream.kind!r}; choose one of {sorted(data.KINDS)}.")
     for method in chosen:
