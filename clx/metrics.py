@@ -24,6 +24,8 @@ References:
   * Riemer, Cases, Ajemian, Liu, Rish, Tu & Tesauro, "Learning to Learn without
     Forgetting by Maximizing Transfer and Minimizing Interference", ICLR 2019
     (learning accuracy).
+  * De Lange, van de Ven & Tuytelaars, "Continual evaluation for lifelong learning:
+    Identifying the stability gap", ICLR 2023 (min-ACC, WC-ACC; ``continual_metrics``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = [
     "forgetting",
     "learning_accuracy",
     "summarize",
+    # continual evaluation (curves over training steps)
+    "continual_metrics",
     # plasticity diagnostics (jax, jit-able)
     "dormant_fraction",
     "effective_rank",
@@ -279,6 +283,90 @@ def summarize(R: Any, b: Any = None) -> dict[str, float]:
         "fwt": math.nan if b is None else fwt(R, b),
         "forgetting": forgetting(R),
         "learning_accuracy": learning_accuracy(R),
+    }
+
+
+def continual_metrics(accuracy: Any, task: Any) -> dict[str, Any]:
+    """min-ACC, WC-ACC and the stability gap from continual-evaluation curves.
+
+    De Lange, van de Ven & Tuytelaars 2023, "Continual evaluation for lifelong learning:
+    Identifying the stability gap" (Sec. 3). With e_i the last evaluation point of task i's
+    training and a(n, i) the accuracy on task i at point n (0-based tasks, k >= 1):
+
+    * min-ACC_k = 1/k * sum_{i<k} min_{e_i < n <= e_k} a(n, i): the average over the previous
+      tasks of the worst accuracy each had after it was learned, up to the end of task k;
+    * WC-ACC_k = 1/(k+1) * a(e_k, k) + (1 - 1/(k+1)) * min-ACC_k (WC-ACC_0 = a(e_0, 0)): the
+      worst-case accuracy, trading the current task's final accuracy against min-ACC;
+    * stability_gap_i = a(e_i, i) - min_{e_i < n <= e_{i+1}} a(n, i): how far task i falls while
+      the next task is learned (the paper shows the gap as curves; this per-task drop, in
+      accuracy points as fractions, is clx's summary of it). NaN for the last task.
+
+    Args:
+      accuracy: ``(P, T)`` fractions, ``accuracy[n, j]`` the accuracy on task j at evaluation
+        point n (NaN for tasks not yet trained), as ``FitResult.eval_curves["accuracy"]``.
+      task: ``(P,)`` ints, the task trained at each point, non-decreasing, every task 0..K-1
+        present (K <= T: a run stopped early gives its first K tasks).
+
+    Returns:
+      ``{"min_acc": float (min-ACC of the last task, NaN when K == 1), "wc_acc": float
+      (WC-ACC of the last task), "min_acc_per_task": (K,) float64 (NaN at task 0),
+      "wc_acc_per_task": (K,), "stability_gap": (K,) (NaN at the last task),
+      "stability_gap_mean": float}``.
+
+    Raises:
+      ValueError: shapes that do not match, tasks decreasing or with a gap, values outside
+        [0, 1] (percent?), or a NaN where a trained task must have been scored.
+    """
+    a = np.asarray(accuracy, np.float64)
+    task = np.asarray(task)
+    if a.ndim != 2 or task.shape != (a.shape[0],):
+        raise ValueError(
+            f"continual_metrics needs accuracy (P, T) and task (P,); got shapes {a.shape} and {task.shape}."
+        )
+    if not len(task):
+        raise ValueError("continual_metrics: no evaluation points; run fit with eval_every_steps >= 1.")
+    if (
+        not np.issubdtype(task.dtype, np.integer)
+        or task[0] != 0
+        or np.any(np.diff(task) < 0)
+        or np.any(np.diff(task) > 1)
+    ):
+        raise ValueError(
+            "continual_metrics: task must be non-decreasing integers from 0 without gaps (as fit records them); "
+            f"got {task.tolist()[:20]}..."
+        )
+    K = int(task[-1]) + 1
+    if K > a.shape[1]:
+        raise ValueError(f"continual_metrics: points of task {K - 1} but accuracy has only {a.shape[1]} tasks.")
+    if np.any((a < 0) | (a > 1)):
+        raise ValueError("continual_metrics: accuracies must be fractions in [0, 1] (not percent).")
+    for j in range(K):
+        if np.isnan(a[task >= j, j]).any():
+            raise ValueError(f"continual_metrics: task {j} is missing a score at a point after it was trained.")
+    end = np.array([np.flatnonzero(task == i)[-1] for i in range(K)])
+
+    def worst(i, k):  # min of a(n, i) over e_i < n <= e_k
+        return float(np.min(a[end[i] + 1 : end[k] + 1, i]))
+
+    min_acc = np.full(K, np.nan)
+    wc_acc = np.full(K, np.nan)
+    gap = np.full(K, np.nan)
+    for k in range(K):
+        final = a[end[k], k]
+        if k == 0:
+            wc_acc[k] = final
+        else:
+            min_acc[k] = np.mean([worst(i, k) for i in range(k)])
+            wc_acc[k] = final / (k + 1) + (1 - 1 / (k + 1)) * min_acc[k]
+        if k + 1 < K:
+            gap[k] = final - worst(k, k + 1)
+    return {
+        "min_acc": float(min_acc[-1]),
+        "wc_acc": float(wc_acc[-1]),
+        "min_acc_per_task": min_acc,
+        "wc_acc_per_task": wc_acc,
+        "stability_gap": gap,
+        "stability_gap_mean": float(np.nanmean(gap)) if K > 1 else math.nan,
     }
 
 

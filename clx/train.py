@@ -56,6 +56,9 @@ MEMBER_AXES = ("auto", "vmap", "map", "loop")
 #: ``fit``'s ``evaluate``: which tasks' test sets are scored after task t.
 EVALUATE = ("seen", "current")
 
+#: Default size of each task's fixed test subsample for continual evaluation (``fit``'s ``eval_samples``).
+EVAL_SAMPLES = 1000
+
 #: Train steps per iteration of the epoch's compiled loop (``lax.scan(..., unroll=)``). At batch 10 the loop's
 #: own per-iteration cost is a large part of a step on a CPU; unrolling 4 steps cut GPM's plain PMNIST step from
 #: 208 to 126 us on 2 CPU cores (benchmarks/projection_overhead.py), bit for bit the same results.
@@ -107,6 +110,13 @@ class FitResult:
       task_metrics: ``{name: (T,) float64}`` (``(M, T)`` with members), the values of ``fit``'s
         ``task_metrics`` function on each finished task's evidence sample after ``consolidate``
         (e.g. ``clx.metrics.plasticity_metrics``); None without one.
+      eval_curves: with ``eval_every_steps`` (continual evaluation), the accuracy of every seen task
+        on its fixed test subsample at each evaluation point: ``{"task": (P,) int64`` the task being
+        trained, ``"step": (P,) int64`` optimizer steps done in that task (1-based), ``"global_step":
+        (P,) int64`` steps done in the run, ``"accuracy": (P, T)`` float64 fractions (``(M, P, T)``
+        with members; NaN for tasks not yet trained), ``"task_steps": (T,)`` steps per task,
+        ``"every_steps"``, ``"samples"}``; None without continual evaluation. ``clx.metrics.
+        continual_metrics`` turns it into min-ACC, WC-ACC and the stability gap.
     """
 
     accuracy_matrix: np.ndarray
@@ -120,6 +130,7 @@ class FitResult:
     resumed_from: dict | None = None
     train_accuracy: np.ndarray | None = None
     task_metrics: dict[str, np.ndarray] | None = None
+    eval_curves: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +178,13 @@ class FitOptions:
     scan_unroll: int = SCAN_UNROLL
     evaluate: str = "seen"
     task_metrics: Callable[..., dict] | None = None
+    eval_every_steps: int = 0
+    eval_samples: int = EVAL_SAMPLES
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "evidence_samples", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "evidence_samples", "eval_batch_size", "eval_samples"):
             _check_count(name, getattr(self, name))
+        _check_count("eval_every_steps", self.eval_every_steps, 0)
         if isinstance(self.checkpoint, str):
             object.__setattr__(self, "checkpoint", CheckpointOptions(self.checkpoint))
         if self.member_axis not in MEMBER_AXES:
@@ -212,8 +226,18 @@ def _task_loss(logits, y, weights):
     return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, unroll: int = SCAN_UNROLL):
-    """Pure ``train_steps(hp, params, rule_state, x, y, task_ids, key_data, task, epoch, start, *, num_steps)``.
+def _train_steps_fn(
+    model,
+    rule_fn: Callable,
+    batch_size: int,
+    batch_spec=None,
+    unroll: int = SCAN_UNROLL,
+    eval_every: int = 0,
+    epochs: int = 1,
+    eval_batch_size: int = 1000,
+):
+    """Pure ``train_steps(hp, params, rule_state, x, y, task_ids, key_data, task, epoch, start[, probe_x, probe_y],
+    *, num_steps)``.
 
     The epoch's order is ``permutation(shuffle_key(key, task, epoch), n)``; the
     call scans batches ``start .. start + num_steps - 1`` of it (the last batch
@@ -221,9 +245,19 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
     compiled loop. Returns ``(params, rule_state, sum of per-example losses, number of examples predicted
     correctly)``; the prediction is the argmax of the step's own forward pass, before the step's update
     (online accuracy).
-    """
 
-    def train_steps(hp, params, rule_state, x, y, task_ids, key_data, task, epoch, start, *, num_steps):
+    With ``eval_every`` > 0 (continual evaluation) the call also takes ``probe_x`` (T, n, ...) and ``probe_y``
+    (T, n), a fixed test subsample of every task, and after each step that ends a multiple of ``eval_every``
+    steps of the task (or the task's last step, ``epochs`` epochs) scores the updated params on the subsample of
+    every task trained so far (0..task; a ``lax.cond`` inside the scan: no host round trip), returning besides
+    ``(num_steps, T)`` float32 accuracies (0 where not evaluated, NaN for tasks after ``task``) and the
+    ``(num_steps,)`` bool mask of the steps evaluated.
+    """
+    probe_accuracy = _eval_body(model, eval_batch_size) if eval_every else None
+
+    def train_steps(
+        hp, params, rule_state, x, y, task_ids, key_data, task, epoch, start, probe_x=None, probe_y=None, *, num_steps
+    ):
         rule = rule_fn(hp)
         taps = "taps" in rule.needs
 
@@ -261,6 +295,23 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
         wants_key = "key" in rule.needs
         key = jax.random.wrap_key_data(key_data)
 
+        def probe(p, done):
+            """Accuracies of ``p`` on every trained task's subsample when ``done`` steps of the task end a period."""
+            T = probe_y.shape[0]
+
+            def seen(p):
+                def one(j):
+                    return jax.lax.cond(
+                        j <= task_id,
+                        lambda: probe_accuracy(p, probe_x[j], probe_y[j], j, task_id + 1).astype(jnp.float32),
+                        lambda: jnp.float32(jnp.nan),
+                    )
+
+                return jax.lax.map(one, jnp.arange(T, dtype=jnp.int32))
+
+            due = (done % eval_every == 0) | (done == epochs * nb)
+            return jax.lax.cond(due, seen, lambda p: jnp.zeros((T,), jnp.float32), p), due
+
         def step(carry, batch):
             params, rule_state = carry
             bi, bw, i = batch
@@ -284,13 +335,17 @@ def _train_steps_fn(model, rule_fn: Callable, batch_size: int, batch_spec=None, 
             updates, rule_state = rule.update(grads, rule_state, params, task_id=task_id, **extra)
             check_like_params(rule, updates, params)  # at trace time only
             hit = jnp.sum(bw * (jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == b.y))
-            return (optax.apply_updates(params, updates), rule_state), (loss * jnp.sum(bw), hit)
+            params = optax.apply_updates(params, updates)
+            out = (loss * jnp.sum(bw), hit)
+            if eval_every:
+                out += probe(params, jnp.asarray(epoch, jnp.int32) * nb + i + 1)
+            return (params, rule_state), out
 
         steps = start + jnp.arange(idx.shape[0], dtype=jnp.int32)
-        (params, rule_state), (losses, hits) = jax.lax.scan(
+        (params, rule_state), outs = jax.lax.scan(
             step, (params, rule_state), (idx, w, steps), unroll=min(unroll, idx.shape[0])
         )
-        return params, rule_state, jnp.sum(losses), jnp.sum(hits)
+        return params, rule_state, jnp.sum(outs[0]), jnp.sum(outs[1]), *outs[2:]
 
     return train_steps
 
@@ -392,13 +447,17 @@ def _programs(
             f = _over_members(f, in_axes, members)
         return jax.jit(f, **kw) if shardings is None else jax.jit(f, out_shardings=out_shardings, **kw)
 
-    steps_body = _train_steps_fn(model, rule_fn, opts.batch_size, batch_spec, int(opts.scan_unroll))
+    every = int(opts.eval_every_steps)
+    steps_body = _train_steps_fn(
+        model, rule_fn, opts.batch_size, batch_spec, int(opts.scan_unroll), every, opts.epochs, opts.eval_batch_size
+    )
 
     @functools.cache
     def train_steps(num_steps: int):
         f = functools.partial(steps_body, num_steps=num_steps)
-        axes = (0, 0, 0, None, None, None, 0, None, None, None)
-        return program(f, axes, (p_shard, s_shard, rep, rep), donate_argnums=(1, 2))
+        axes = (0, 0, 0, None, None, None, 0, None, None, None) + ((None, None) if every else ())
+        outs = (p_shard, s_shard, rep, rep) + ((rep, rep) if every else ())
+        return program(f, axes, outs, donate_argnums=(1, 2))
 
     evidence = program(_evidence_body(model, "representations" in needs), (0, 0, None), rep)
 
@@ -540,6 +599,28 @@ class _TaskData:
             self._tests[t] = self._timed(build)
         return self._tests[t]
 
+    def probe(self, samples: int):
+        """Every task's fixed test subsample for continual evaluation: ``(x (T, n, ...), y (T, n))``, placed.
+
+        Task t's subsample is the first n of ``numpy.random.default_rng((7, t)).permutation`` of its test set, with
+        n = min(``samples``, the smallest test set): the same for every seed, member and method of a run, so their
+        curves compare point for point.
+        """
+
+        tests = [self.test(t) for t in range(self.stream.num_tasks)]  # timed (and cached) there
+
+        def build():
+            xs, ys = [], []
+            sets = [tuple(np.asarray(jax.device_get(a)) for a in test) for test in tests]
+            n = min(samples, *(len(y) for _, y in sets))
+            for t, (x, y) in enumerate(sets):
+                pick = np.random.default_rng((7, t)).permutation(len(y))[:n]
+                xs.append(x[pick])
+                ys.append(y[pick])
+            return self.place(np.stack(xs)), self.place(np.stack(ys))
+
+        return self._timed(build)
+
     def evidence_sample(self, t: int, seeds: Sequence[int], samples: int, members: bool):
         def build():
             task = self._load(t)
@@ -579,6 +660,8 @@ def fit(
     on_save: Callable[[int, dict], None] | None = None,
     evaluate: str = "seen",
     task_metrics: Callable[..., dict] | None = None,
+    eval_every_steps: int = 0,
+    eval_samples: int = EVAL_SAMPLES,
 ) -> FitResult:
     """Trains ``params`` on every task of ``stream`` in order with ``rule``.
 
@@ -618,13 +701,23 @@ def fit(
         sample (``evidence_samples`` examples) after ``consolidate``, e.g.
         ``functools.partial(clx.metrics.plasticity_metrics, model)``; the values
         land in ``FitResult.task_metrics`` and in the checkpoints.
+      eval_every_steps: continual evaluation (De Lange, van de Ven & Tuytelaars 2023, "Continual
+        evaluation for lifelong learning: Identifying the stability gap"): every this many
+        optimizer steps of a task, and at its last step, score the params on a fixed subsample
+        of the test set of every task trained so far, inside the jitted epoch (``lax.cond`` in
+        the scan, no host round trip); the curves land in ``FitResult.eval_curves`` and the
+        checkpoints' metadata. 0 (default): off, the programs are exactly those without it.
+      eval_samples: the size n of each task's subsample (the first n of a fixed permutation of
+        its test set, the same for every seed; capped by the smallest test set). Memory: the
+        subsamples of all T tasks stay on the device, T x n inputs.
 
     Returns:
       A FitResult.
 
     Raises:
-      ValueError: epochs, batch_size, evidence_samples or eval_batch_size not an
-        integer >= 1; labels outside the model's outputs; NaN/inf or empty
+      ValueError: epochs, batch_size, evidence_samples, eval_batch_size or eval_samples
+        not an integer >= 1; eval_every_steps not an integer >= 0; labels outside the
+        model's outputs; NaN/inf or empty
         inputs (names the task and split; the source and every test set are
         checked before training, a custom stream's training sets when their
         task starts); a model that refuses the stream's task ids (a multi-head
@@ -653,6 +746,8 @@ def fit(
         on_save,
         evaluate=evaluate,
         task_metrics=task_metrics,
+        eval_every_steps=eval_every_steps,
+        eval_samples=eval_samples,
     )
     rule = as_continual(rule, who="fit")
     return _fit(model, [params], lambda hp: rule, None, stream, [seed], opts)
@@ -804,6 +899,10 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             )
         metric_names = tuple(sorted(shapes))
     metrics = {k: np.full((*lead, T), np.nan) for k in metric_names}
+    every_eval = int(opts.eval_every_steps)
+    # continual evaluation: one entry per evaluation point, and the steps each task has (for global steps)
+    curves: dict[str, list] = {"task": [], "step": [], "accuracy": [], "task_steps": []}
+    probe = data.probe(opts.eval_samples) if every_eval else ()
     loss_partial = np.zeros(lead)
     hits_partial = np.zeros(lead)
 
@@ -825,6 +924,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             "cumulative": bool(opts.cumulative),
             "every_steps": every,
             "info": dict(ck.info),
+            **({"eval_every_steps": every_eval, "eval_samples": int(opts.eval_samples)} if every_eval else {}),
         }
         ckpt = ckpt_lib.Checkpointer(ck.directory, fingerprint, max_to_keep=ck.max_to_keep, async_save=ck.async_save)
 
@@ -855,6 +955,8 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             hits_partial = np.asarray(tree["hits_partial"], np.float64).reshape(lead)
             metrics = {k: np.asarray(v, np.float64) for k, v in tree.get("task_metrics", {}).items()}
             pos = {k: int(meta["position"][k]) for k in ("task", "epoch", "step")}
+            if every_eval:
+                curves = {k: list(v) for k, v in meta["eval_curves"].items()}
             resumed_from = dict(pos)
             prior_wall, prior_train = float(meta.get("wall_seconds", 0.0)), float(meta.get("train_seconds", 0.0))
             if jax.process_index() == 0:
@@ -878,6 +980,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             "position": position,
             "wall_seconds": prior_wall + time.perf_counter() - t0 - data.seconds,
             "train_seconds": prior_train + train_seconds,
+            **({"eval_curves": curves} if every_eval else {}),
         }
         n = ckpt.save(ckpt_tree(), meta)
         if opts.on_save is not None:
@@ -894,6 +997,8 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             x, y, ids = data.train(t)
             n = int(y.shape[0])
             nb = math.ceil(n / opts.batch_size)
+            if every_eval and len(curves["task_steps"]) == t:
+                curves["task_steps"].append(opts.epochs * nb)
             first_epoch = pos["epoch"] if t == pos["task"] else 0
             bar = tqdm(
                 total=opts.epochs,
@@ -909,10 +1014,17 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
                 while step < nb:
                     k = nb - step if every == 0 else min(every, nb - step)
                     s = time.perf_counter()
-                    params, state, loss_sum, hits = programs.train_steps(k)(
-                        hp, params, state, x, y, ids, key_data, np.int32(t), np.int32(e), np.int32(step)
+                    params, state, loss_sum, hits, *evals = programs.train_steps(k)(
+                        hp, params, state, x, y, ids, key_data, np.int32(t), np.int32(e), np.int32(step), *probe
                     )
                     loss_sum = host(loss_sum)
+                    if evals:
+                        accs, due = (np.asarray(a) for a in jax.device_get(evals))
+                        due = due.reshape(-1, k)[0]  # the same steps for every member
+                        for i in np.flatnonzero(due):
+                            curves["task"].append(t)
+                            curves["step"].append(e * nb + step + int(i) + 1)
+                            curves["accuracy"].append(np.asarray(accs[..., i, :], np.float64).tolist())
                     train_seconds += time.perf_counter() - s
                     if not np.all(np.isfinite(loss_sum)):
                         raise FloatingPointError(
@@ -976,7 +1088,27 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         resumed_from,
         train_acc,
         metrics if opts.task_metrics is not None else None,
+        _eval_curves(curves, every_eval, int(opts.eval_samples), bool(members)) if every_eval else None,
     )
+
+
+def _eval_curves(curves: dict, every: int, samples: int, members: bool) -> dict:
+    """The continual-evaluation lists gathered by ``_fit`` as FitResult.eval_curves' arrays."""
+    task = np.asarray(curves["task"], np.int64)
+    step = np.asarray(curves["step"], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(curves["task_steps"], np.int64))])
+    acc = np.asarray(curves["accuracy"], np.float64)
+    if members and acc.ndim == 3:  # gathered point by point as (M, T): members first
+        acc = np.moveaxis(acc, 0, 1)
+    return {
+        "task": task,
+        "step": step,
+        "global_step": offsets[task] + step if len(task) else step,
+        "accuracy": acc,
+        "task_steps": np.asarray(curves["task_steps"], np.int64),
+        "every_steps": every,
+        "samples": samples,
+    }
 
 
 # --- single programs, for notebooks, tests and benchmarks ------------------------------------------------------------

@@ -151,6 +151,8 @@ RULES: dict[str, tuple[Range, str]] = {
     "redo.tau": (NONNEGATIVE, "ReDo's dormancy threshold"),
     "redo.period": (COUNT, "steps between recycles"),
     "eval.plasticity_metrics_tau": (NONNEGATIVE, "ReDo's dormancy threshold for the per-task diagnostics"),
+    "eval.every_steps": (OPTIONAL_COUNT, "continual evaluation every this many optimizer steps; 0 = off"),
+    "eval.samples": (COUNT, "each task's test subsample for continual evaluation"),
 }
 
 #: Numeric keys checked otherwise: every ``sweep.grid`` value against the rule of ``sweep.key``.

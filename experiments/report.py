@@ -54,6 +54,24 @@ _SUMMARY_COLUMNS = (
     ("online_acc", "online acc %", 100.0, "{:.2f}"),
     ("wall_seconds", "wall s", 1.0, "{:.1f}"),
 )
+# Shown only where some row has them (runs with continual evaluation, ``eval.every_steps``).
+_OPTIONAL_COLUMNS = (
+    ("min_acc", "min-ACC %", 100.0, "{:.2f}"),
+    ("wc_acc", "WC-ACC %", 100.0, "{:.2f}"),
+    ("stability_gap_mean", "stability gap %", 100.0, "{:.2f}"),
+)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _columns(rows) -> tuple:
+    """The summary columns, plus each optional one that some row (a results dict) has a number for."""
+    return _SUMMARY_COLUMNS + tuple(c for c in _OPTIONAL_COLUMNS if any(_finite(r.get(c[0])) for r in rows))
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,11 +238,12 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 def format_summary_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """The plain-text table of ``write_summary``: one line per method, metrics in %."""
-    header = ["method"] + [title for _, title, _, _ in _SUMMARY_COLUMNS]
+    columns = _columns(rows.values())
+    header = ["method"] + [title for _, title, _, _ in columns]
     body = []
     for name, row in rows.items():
         cells = [str(name)]
-        for key, _, scale, fmt in _SUMMARY_COLUMNS:
+        for key, _, scale, fmt in columns:
             value = row.get(key)
             try:
                 v = float(value)
@@ -272,7 +291,7 @@ def write_summary(workdir: str | os.PathLike, rows: Mapping[str, Mapping[str, An
 # bookkeeping, which methods ran. Everything else must agree for runs to share a table.
 _NOT_SETUP = ("seed", "seeds", "progress", "checkpoint", "method", "sweep", "workdir")
 REPORT_FILE = "REPORT.md"
-_REPORT_COLUMNS = tuple((key, title, scale) for key, title, scale, _ in _SUMMARY_COLUMNS)  # the same metrics
+_REPORT_COLUMNS = tuple((key, title, scale) for key, title, scale, _ in _SUMMARY_COLUMNS + _OPTIONAL_COLUMNS)
 
 
 def find_results(runs) -> list[pathlib.Path]:
@@ -469,6 +488,36 @@ def _plasticity_figure(table: dict, out: pathlib.Path, name: str) -> None:
     _save(fig, out / name, rect=(0, 0, 1 - 2.0 / fig.get_size_inches()[0], 1))
 
 
+def _continual_figure(table: dict, out: pathlib.Path, name: str) -> bool:
+    """Each task's accuracy on its test subsample against the optimizer step (continual evaluation), one panel
+    per row (mean over its runs), task boundaries dotted; False (nothing drawn) when no run has the curves."""
+    rows = [row for row in table["rows"] if all("continual_eval" in g for g in row["runs"])]
+    if not rows:
+        return False
+    cols = min(len(rows), 2)
+    nrows = (len(rows) + cols - 1) // cols
+    fig = _figure()
+    fig.set_size_inches(6.0 * cols + 1.8, 3.4 * nrows)
+    for k, row in enumerate(rows):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        curves = [g["continual_eval"] for g in row["runs"]]
+        steps = np.asarray(curves[0]["global_step"])
+        acc = 100 * np.mean([np.asarray(c["accuracy"], np.float64) for c in curves], axis=0)
+        for j in range(acc.shape[1]):
+            ax.plot(steps, acc[:, j], lw=1.0, label=f"task {j}")
+        for end in np.cumsum(curves[0]["task_steps"])[:-1]:
+            ax.axvline(end, color="0.6", ls=":", lw=0.8)
+        every = curves[0].get("every_steps")
+        ax.set_title(f"{row['label']} ({len(curves)} run(s), every {every} steps)", fontsize=9)
+        ax.set_xlabel("optimizer steps (dotted: task boundaries)", fontsize=8)
+        ax.set_ylabel("accuracy on the task's test subsample (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    _save(fig, out / name, rect=(0, 0, 1 - 1.5 / fig.get_size_inches()[0], 1))
+    return True
+
+
 def _report_figures(table: dict, out: pathlib.Path, prefix: str) -> list[str]:
     """ACC against the number of tasks, and each task's accuracy over the stream, one line per row; for plasticity
     runs (old tasks not scored) the online accuracy and the diagnostics against the task index instead."""
@@ -508,6 +557,8 @@ def _report_figures(table: dict, out: pathlib.Path, prefix: str) -> list[str]:
         fig.axes[-1].legend(loc="lower left", fontsize=6, ncol=2)
     names.append(f"{prefix}task_accuracy.png")
     _save(fig, out / names[-1])
+    if _continual_figure(table, out, f"{prefix}continual_eval.png"):
+        names.append(f"{prefix}continual_eval.png")
     return names
 
 
@@ -533,12 +584,13 @@ def build_report(runs, out) -> str:
         lines += [f"The runs hold {len(tables)} different setups; each has its own table (never averaged).", ""]
     for k, table in enumerate(tables):
         lines += [f"## Setup {k + 1}: {_setup_title(table['setup'])}", ""]
-        header = ["method", "runs"] + [title for _, title, _ in _REPORT_COLUMNS]
+        shown = [c[:3] for c in _columns([g for row in table["rows"] for g in row["runs"]])]
+        header = ["method", "runs"] + [title for _, title, _ in shown]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in table["rows"]:
             n = len(row["runs"])
             cells = [row["label"], str(n)]
-            for key, _, scale in _REPORT_COLUMNS:
+            for key, _, scale in shown:
                 mean, std, count = row["stats"][key]
                 if count == 0:
                     cells.append("n/a")

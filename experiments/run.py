@@ -233,6 +233,8 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         checkpoint=ckpt,
         on_save=on_save,
         evaluate=config.eval.tasks,
+        eval_every_steps=int(config.eval.every_steps),
+        eval_samples=int(config.eval.samples),
     )
     model, params = plan.first[name]
     if config.eval.plasticity_metrics:
@@ -251,6 +253,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
                 result.losses,
                 result.train_accuracy,
                 result.task_metrics,
+                result.eval_curves,
                 method.results(result.rule_state, None),
             )
         ]
@@ -274,12 +277,15 @@ def _run_method(method, plan, config, out, on_save) -> dict:
                 result.losses[m],
                 result.train_accuracy[m],
                 None if result.task_metrics is None else {k: v[m] for k, v in result.task_metrics.items()},
+                None
+                if result.eval_curves is None
+                else {**result.eval_curves, "accuracy": result.eval_curves["accuracy"][m]},
                 method.results(result.rule_state, m),
             )
             for m, (s, v) in enumerate(members)
         ]
     member_rows = {}
-    for who, acc, baseline, losses, train_acc, task_metrics, method_results in per_member:
+    for who, acc, baseline, losses, train_acc, task_metrics, curves, method_results in per_member:
         results = {
             "method": name,
             "accuracy_matrix": acc,
@@ -295,6 +301,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             "online_acc": float(np.mean(train_acc[:, 0])),
             "online_accuracy": train_acc[:, 0],  # per task: the curve the plasticity papers plot
             **({"task_metrics": task_metrics} if task_metrics is not None else {}),
+            **(continual_results(curves) if curves is not None else {}),
             "config": config.to_dict(),
             "environment": environment(),
             **extra,
@@ -340,6 +347,15 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         flush=True,
     )
     return first
+
+
+def continual_results(curves: dict) -> dict:
+    """results.json's continual-evaluation entries: min-ACC, WC-ACC and the stability gap (``clx.metrics.
+    continual_metrics``) and the curves themselves (``continual_eval``: task, step, global_step, accuracy)."""
+    return {
+        **clx.metrics.continual_metrics(curves["accuracy"], curves["task"]),
+        "continual_eval": dict(curves),
+    }
 
 
 def summarize(R, baseline, evaluate: str = "seen") -> dict:

@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.tasks = "seen"  # seen (tasks 0..t+1: the accuracy matrix) | current (tasks t, t+1: long streams)
     c.eval.plasticity_metrics = False  # clx.metrics.plasticity_metrics on each task's evidence sample
     c.eval.plasticity_metrics_tau = 0.0  # ReDo's dormancy threshold for those diagnostics
+    # Continual evaluation (De Lange et al. 2023): every N optimizer steps, inside the jitted epoch, each seen task's
+    # accuracy on a fixed test subsample -> min-ACC, WC-ACC, the stability gap (results.json); 0 = off.
+    c.eval.every_steps = 0
+    c.eval.samples = 1000  # the subsample per task
 
     for name, method in methods.METHODS.items():  # c.gpm, c.hnet, ...: each method's block and defaults
         if method.config is not None:
