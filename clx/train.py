@@ -180,6 +180,7 @@ class FitOptions:
     task_metrics: Callable[..., dict] | None = None
     eval_every_steps: int = 0
     eval_samples: int = EVAL_SAMPLES
+    on_task_end: Callable[[int, dict], None] | None = None
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "evidence_samples", "eval_batch_size", "eval_samples"):
@@ -662,6 +663,7 @@ def fit(
     task_metrics: Callable[..., dict] | None = None,
     eval_every_steps: int = 0,
     eval_samples: int = EVAL_SAMPLES,
+    on_task_end: Callable[[int, dict], None] | None = None,
 ) -> FitResult:
     """Trains ``params`` on every task of ``stream`` in order with ``rule``.
 
@@ -710,6 +712,13 @@ def fit(
       eval_samples: the size n of each task's subsample (the first n of a fixed permutation of
         its test set, the same for every seed; capped by the smallest test set). Memory: the
         subsamples of all T tasks stay on the device, T x n inputs.
+      on_task_end: ``on_task_end(t, info)`` after task t is evaluated and saved, for logs written
+        as the run goes (the experiment script's TensorBoard files). ``info`` holds host arrays
+        (a leading member axis with ``fit_members``): ``"accuracy"`` (T,) row t of the accuracy
+        matrix, ``"losses"`` and ``"train_accuracy"`` (epochs,) of task t, ``"task_metrics"``
+        {name: scalar}, ``"eval_curves"`` (task t's continual-evaluation points: ``"global_step"``
+        (P_t,), ``"accuracy"`` (P_t, T)) or None, ``"wall_seconds"``; and ``"rule_state"``, the
+        rule state on the device (read only what you need).
 
     Returns:
       A FitResult.
@@ -748,6 +757,7 @@ def fit(
         task_metrics=task_metrics,
         eval_every_steps=eval_every_steps,
         eval_samples=eval_samples,
+        on_task_end=on_task_end,
     )
     rule = as_continual(rule, who="fit")
     return _fit(model, [params], lambda hp: rule, None, stream, [seed], opts)
@@ -1073,6 +1083,8 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             # save
             pos = {"task": t + 1, "epoch": 0, "step": 0}
             save(dict(pos))
+            if opts.on_task_end is not None:
+                opts.on_task_end(t, _task_info(t, acc, losses, train_acc, metrics, curves, state, wall(), members))
     finally:  # a failing run (NaN loss, KeyboardInterrupt) still finishes the saves it started
         if ckpt is not None:
             ckpt.close()
@@ -1090,6 +1102,24 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
         metrics if opts.task_metrics is not None else None,
         _eval_curves(curves, every_eval, int(opts.eval_samples), bool(members)) if every_eval else None,
     )
+
+
+def _task_info(t, acc, losses, train_acc, metrics, curves, state, wall_seconds, members) -> dict:
+    """What ``on_task_end`` receives after task t (see ``fit``)."""
+    points = None
+    if curves["task"]:
+        c = _eval_curves(curves, 0, 0, bool(members))
+        sel = c["task"] == t
+        points = {"global_step": c["global_step"][sel], "accuracy": c["accuracy"][..., sel, :]}
+    return {
+        "accuracy": acc[..., t, :],
+        "losses": losses[..., t, :],
+        "train_accuracy": train_acc[..., t, :],
+        "task_metrics": {k: v[..., t] for k, v in metrics.items()},
+        "eval_curves": points,
+        "rule_state": state,
+        "wall_seconds": wall_seconds,
+    }
 
 
 def _eval_curves(curves: dict, every: int, samples: int, members: bool) -> dict:

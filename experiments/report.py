@@ -289,7 +289,7 @@ def write_summary(workdir: str | os.PathLike, rows: Mapping[str, Mapping[str, An
 
 # Config keys that differ between runs of one setup without changing the setup: seeds,
 # bookkeeping, which methods ran. Everything else must agree for runs to share a table.
-_NOT_SETUP = ("seed", "seeds", "progress", "checkpoint", "method", "sweep", "workdir")
+_NOT_SETUP = ("seed", "seeds", "progress", "checkpoint", "method", "sweep", "workdir", "log")
 REPORT_FILE = "REPORT.md"
 _REPORT_COLUMNS = tuple((key, title, scale) for key, title, scale, _ in _SUMMARY_COLUMNS + _OPTIONAL_COLUMNS)
 

@@ -38,9 +38,10 @@ from clx import checkpoint as ckpt_lib
 from clx import data, sharding
 from clx.train import CheckpointOptions, fit, fit_members
 from experiments import checks, methods, report
+from experiments.logs import TensorBoardLog
 
 # Config keys that do not change what a run computes, left out of the checkpoint fingerprint.
-_NOT_FINGERPRINTED = ("progress", "checkpoint", "mesh", "distributed", "data.dir")
+_NOT_FINGERPRINTED = ("progress", "checkpoint", "mesh", "distributed", "data.dir", "log")
 METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "online_acc")
 # Distributions whose versions go into every results.json ("environment").
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "clx")
@@ -237,53 +238,63 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         eval_samples=int(config.eval.samples),
     )
     model, params = plan.first[name]
+    log = None
+    if config.log.tensorboard and jax.process_index() == 0:
+        dirs = (
+            [out] if len(members) == 1 and not key else [os.path.join(out, _member_name(s, v, key)) for s, v in members]
+        )
+        log = common["on_task_end"] = TensorBoardLog(dirs, method.results, config.train.epochs)
     if config.eval.plasticity_metrics:
         common["task_metrics"] = functools.partial(
             clx.metrics.plasticity_metrics, model, tau=float(config.eval.plasticity_metrics_tau)
         )
     # Model-specific facts (e.g. a hypernetwork's compression ratio); shapes only, read before fit donates params.
     extra = model.extra_results(params) if hasattr(model, "extra_results") else {}
-    if len(members) == 1 and not key:  # the plain path (bit-identical to a run without members)
-        result = fit(model, params, method.make_rule(config, model), plan.stream, seed=members[0][0], **common)
-        per_member = [
-            (
-                None,
-                result.accuracy_matrix,
-                result.random_baseline,
-                result.losses,
-                result.train_accuracy,
-                result.task_metrics,
-                result.eval_curves,
-                method.results(result.rule_state, None),
+    try:
+        if len(members) == 1 and not key:  # the plain path (bit-identical to a run without members)
+            result = fit(model, params, method.make_rule(config, model), plan.stream, seed=members[0][0], **common)
+            per_member = [
+                (
+                    None,
+                    result.accuracy_matrix,
+                    result.random_baseline,
+                    result.losses,
+                    result.train_accuracy,
+                    result.task_metrics,
+                    result.eval_curves,
+                    method.results(result.rule_state, None),
+                )
+            ]
+        else:
+            params_list = [params] + [method.build_model(config, plan.stream, s)[1] for s, _ in members[1:]]
+            hps = [0.0 if v is None else v for _, v in members]
+            result = fit_members(
+                model,
+                params_list,
+                lambda hp: method.make_rule(config, model, None if not key else hp),
+                hps,
+                plan.stream,
+                seeds=[s for s, _ in members],
+                **common,
             )
-        ]
-    else:
-        params_list = [params] + [method.build_model(config, plan.stream, s)[1] for s, _ in members[1:]]
-        hps = [0.0 if v is None else v for _, v in members]
-        result = fit_members(
-            model,
-            params_list,
-            lambda hp: method.make_rule(config, model, None if not key else hp),
-            hps,
-            plan.stream,
-            seeds=[s for s, _ in members],
-            **common,
-        )
-        per_member = [
-            (
-                (s, v),
-                result.accuracy_matrix[m],
-                result.random_baseline[m],
-                result.losses[m],
-                result.train_accuracy[m],
-                None if result.task_metrics is None else {k: v[m] for k, v in result.task_metrics.items()},
-                None
-                if result.eval_curves is None
-                else {**result.eval_curves, "accuracy": result.eval_curves["accuracy"][m]},
-                method.results(result.rule_state, m),
-            )
-            for m, (s, v) in enumerate(members)
-        ]
+            per_member = [
+                (
+                    (s, v),
+                    result.accuracy_matrix[m],
+                    result.random_baseline[m],
+                    result.losses[m],
+                    result.train_accuracy[m],
+                    None if result.task_metrics is None else {k: v[m] for k, v in result.task_metrics.items()},
+                    None
+                    if result.eval_curves is None
+                    else {**result.eval_curves, "accuracy": result.eval_curves["accuracy"][m]},
+                    method.results(result.rule_state, m),
+                )
+                for m, (s, v) in enumerate(members)
+            ]
+    finally:
+        if log is not None:
+            log.close()
     member_rows = {}
     for who, acc, baseline, losses, train_acc, task_metrics, curves, method_results in per_member:
         results = {

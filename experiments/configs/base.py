@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0
     c.eval.samples = 1000  # the subsample per task
 
+    # TensorBoard event files in <workdir>/<method>[/<member>]/tensorboard, written after each task (experiments/logs)
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = True
+
     for name, method in methods.METHODS.items():  # c.gpm, c.hnet, ...: each method's block and defaults
         if method.config is not None:
             if name in c:
