@@ -159,3 +159,30 @@ def test_every_baseline_on_8_devices_equals_one_device():
             sharded.rule_state,
             single.rule_state,
         )
+
+
+def test_continual_evaluation_on_8_devices_equals_one_device():
+    from clx.train import fit
+
+    stream = _cl_tiny.stream(num_tasks=2, train_subset=96)
+    runs = []
+    for mesh in (None, shd.make_mesh()):
+        model, params = _cl_tiny.model()
+        runs.append(
+            fit(
+                model,
+                params,
+                _cl_tiny.rule(),
+                stream,
+                epochs=1,
+                batch_size=16,
+                evidence_samples=_cl_tiny.SAMPLES,
+                progress=False,
+                mesh=mesh,
+                eval_every_steps=2,
+                eval_samples=64,
+            )
+        )
+    single, sharded = (r.eval_curves for r in runs)
+    np.testing.assert_array_equal(sharded["global_step"], single["global_step"])
+    np.testing.assert_allclose(sharded["accuracy"], single["accuracy"], atol=1 / 64 + 1e-6)  # one example at most
