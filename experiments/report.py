@@ -514,7 +514,7 @@ def _continual_figure(table: dict, out: pathlib.Path, name: str) -> bool:
         ax.grid(alpha=0.3)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
-    _save(fig, out / name, rect=(0, 0, 1 - 1.5 / fig.get_size_inches()[0], 1))
+    _save(fig, out / name, rect=(0, 0, 1 - 1.1 / fig.get_size_inches()[0], 1))
     return True
 
 
