@@ -278,6 +278,11 @@ def tune(
             f"into stream.num_tasks groups, so {tune_tasks} tasks would be other tasks, not the first ones; "
             "leave --tune-tasks at 0."
         )
+    if tune_tasks == 1 and criterion in ("bwt", "forgetting"):
+        raise ValueError(
+            f"--criterion {criterion} needs at least 2 tuning tasks (it is NaN after one); raise --tune-tasks or "
+            "use --criterion acc."
+        )
     stream_seed = int(config.seed) + TUNE_SEED_OFFSET if tune_stream_seed is None else int(tune_stream_seed)
     if stream_seed < 0 or stream_seed == int(config.seed):
         raise ValueError(

@@ -133,6 +133,7 @@ def _rotated(c):
         (GRID, {"seeds": (0, 0)}, None, ValueError, "repeats a seed"),
         (GRID, {"tune_tasks": 3}, None, ValueError, r"--tune-tasks must be in \[1, 2\]"),
         (GRID, {"tune_tasks": 2}, _split, ValueError, "a split stream cuts the classes"),
+        (GRID, {"tune_tasks": 1, "criterion": "bwt"}, None, ValueError, "bwt needs at least 2 tuning tasks"),
         (GRID, {"tune_stream_seed": 0}, None, ValueError, "must be >= 0 and differ from config.seed=0"),
         (GRID, {}, _rotated, ValueError, "the same tasks as the evaluation stream"),
     ],
