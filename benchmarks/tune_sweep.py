@@ -27,7 +27,18 @@ grows; on a GPU the members also run side by side.
     python benchmarks/tune_sweep.py [--method gpm|ewc] [--tasks 3] [--epochs 1] [--mnist] \
         [--train-subset 10000] [--member-axis auto]
 
-Measured (see the README for the numbers and the machine): to be filled in by the run.
+Measured with the defaults on 2 CPU cores shared with other jobs (load average about 10,
+hence wall time 2.6x the CPU time; JAX 0.12, GPM, 2 permuted-digits tasks x 1 epoch of
+144 steps):
+
+    sweep: one fit_members run of 24 members (member_axis=loop): 36.9 s wall, 14.3 s CPU
+    separate: 24 fit runs one after another: 270.4 s wall, 105.0 s CPU (wall per run: first 13.2 s,
+        median 11.1 s, last 13.7 s)
+    ratio separate / sweep: 7.34x wall, 7.35x CPU time
+    largest accuracy difference between a sweep member and its separate run: 0.00e+00
+
+With 3 tasks (``--tasks 3``) on the same loaded machine: 59.8 s against 313.9 s wall, 5.25x.
+The whole default script took 5.5 min wall, 2.1 min of CPU time.
 """
 
 from __future__ import annotations

@@ -385,7 +385,7 @@ def markdown(report: dict) -> str:
     key, crit, tun, ev = report["key"], report["criterion"], report["tuning"], report["evaluation"]
     n = len(report["seeds"])
     extra = crit not in ("acc", "bwt")
-    head = f"| {key} | tuning ACC % | tuning BWT % |" + (f" tuning {crit} % |" if extra else "") + " |"
+    head = f"| {key} | tuning ACC % | tuning BWT % |" + (f" tuning {crit} % |" if extra else "") + " chosen |"
     lines = [
         f"# Tuning {report['method']}: {key}",
         "",
