@@ -37,6 +37,9 @@ hence wall time 2.6x the CPU time; JAX 0.12, GPM, 2 permuted-digits tasks x 1 ep
     ratio separate / sweep: 7.34x wall, 7.35x CPU time
     largest accuracy difference between a sweep member and its separate run: 0.00e+00
 
+A second run, at a load average of about 7: 29.8 s wall / 15.1 s CPU against 191.7 s /
+100.3 s, 6.42x wall, 6.62x CPU time, accuracies again identical; the script took 3.9 min
+wall, 2.0 min of CPU time.
 With 3 tasks (``--tasks 3``) on the same loaded machine: 59.8 s against 313.9 s wall, 5.25x.
 The whole default script took 5.5 min wall, 2.1 min of CPU time.
 
