@@ -70,7 +70,9 @@ def load_pretrained(workdir: str):
     """
     info_path = os.path.join(workdir, INFO_FILE)
     if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"no {INFO_FILE} in {workdir!r}: run python -m experiments.pretrain_vit --workdir {workdir}")
+        raise FileNotFoundError(
+            f"no {INFO_FILE} in {workdir!r}: run python -m experiments.pretrain_vit --workdir {workdir}"
+        )
     with open(info_path) as f:
         info = json.load(f)
     module = build(info["model"])

@@ -487,7 +487,9 @@ def from_safetensors(
             continue
         value = (conv if callable(conv) else CONVERSIONS[conv])(np.asarray(arr))
         if tuple(value.shape) != tuple(want[target].shape):
-            shapes.append(f"{name} -> {target}: file {tuple(arr.shape)} -> {tuple(value.shape)}, model {want[target].shape}")
+            shapes.append(
+                f"{name} -> {target}: file {tuple(arr.shape)} -> {tuple(value.shape)}, model {want[target].shape}"
+            )
             continue
         loaded[target] = value.astype(want[target].dtype)
     unused = sorted(n for n in tensors if n not in name_map and not any(n.startswith(q) for q in ignore))
