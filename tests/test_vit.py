@@ -281,13 +281,13 @@ def test_safetensors_errors_list_missing_unused_and_misshapen_names(tmp_path):
 def test_finetune_stream_tasks_apply_their_change_and_keep_the_labels(digits):
     from scipy import ndimage
 
-    stream = data.make_stream(digits, "finetune", 6, seed=0)
+    stream = data.make_stream(digits, "finetune", 7, seed=0)
     assert (stream.scenario, stream.num_outputs, stream.num_heads) == ("domain_il", 10, 1)
-    assert data.FINETUNE_CHANGES == ("rotated90", "mirrored", "inverted", "noisy", "blurred", "permuted")
+    assert data.FINETUNE_CHANGES == ("rotated90", "mirrored", "inverted", "noisy", "blurred", "shrunk", "permuted")
     x, y = digits.x_test, digits.y_test
     lo, hi = float(digits.x_train.min()), float(digits.x_train.max())
-    xs = [stream.test_set(t)[0] for t in range(6)]
-    for t in range(6):
+    xs = [stream.test_set(t)[0] for t in range(7)]
+    for t in range(7):
         yt = stream.task(t).y_test
         np.testing.assert_array_equal(yt, y)  # labels unchanged, in range
         assert yt.min() >= 0 and yt.max() < stream.num_outputs
@@ -299,14 +299,19 @@ def test_finetune_stream_tasks_apply_their_change_and_keep_the_labels(digits):
     np.testing.assert_allclose(xs[2], lo + hi - x, atol=1e-6)
     noise = xs[3] - x
     assert xs[3].min() >= lo and xs[3].max() <= hi and 0.1 < np.abs(noise).mean() < 0.4
-    np.testing.assert_array_equal(data.make_stream(digits, "finetune", 6, seed=0).test_set(3)[0], xs[3])  # seeded
-    assert not np.array_equal(data.make_stream(digits, "finetune", 6, seed=1).test_set(3)[0], xs[3])
-    np.testing.assert_allclose(xs[4], ndimage.gaussian_filter(x, (0, 1, 1, 0), mode="constant", cval=lo), atol=1e-6)
+    np.testing.assert_array_equal(data.make_stream(digits, "finetune", 4, seed=0).test_set(3)[0], xs[3])  # seeded
+    assert not np.array_equal(data.make_stream(digits, "finetune", 4, seed=1).test_set(3)[0], xs[3])
+    np.testing.assert_allclose(xs[4], ndimage.gaussian_filter(x, (0, 2, 2, 0), mode="constant", cval=lo), atol=1e-6)
     assert xs[4].std() < x.std()
-    flat = xs[5].reshape(len(x), -1)
+    # shrunk: 8x8 -> the middle 4x4 (output 2..5 reads input 0.5..6.5), the outer 2 pixels background
+    assert (xs[5][:, :2] == lo).all() and (xs[5][:, -2:] == lo).all() and (xs[5][:, :, :2] == lo).all()
+    assert (xs[5][:, :, -2:] == lo).all()
+    np.testing.assert_allclose(xs[5][:, 2, 2], (x[:, 0, 0] + x[:, 0, 1] + x[:, 1, 0] + x[:, 1, 1]) / 4, atol=1e-6)
+    np.testing.assert_allclose(xs[5][:, 4, 3], (x[:, 4, 2] + x[:, 4, 3] + x[:, 5, 2] + x[:, 5, 3]) / 4, atol=1e-6)
+    flat = xs[6].reshape(len(x), -1)
     np.testing.assert_array_equal(np.sort(flat, 1), np.sort(x.reshape(len(x), -1), 1))  # values of each image permuted
-    with pytest.raises(ValueError, match=r"'finetune' has 6 kinds of task .* use num_tasks <= 6"):
-        data.make_stream(digits, "finetune", 7)
+    with pytest.raises(ValueError, match=r"'finetune' has 7 kinds of task .* use num_tasks <= 7"):
+        data.make_stream(digits, "finetune", 8)
 
 
 # --------------------------------------------------------------------------- #

@@ -29,9 +29,9 @@ kind                scenario     what changes between tasks
                                  Learning": a plasticity stream, nothing to keep)
 ``finetune``        domain_il    a different kind of input change per task, in the
                                  order of ``FINETUNE_CHANGES``: rotated 90 degrees,
-                                 mirrored, inverted, noisy, blurred, permuted (a
-                                 stream of distinct domains for fine-tuning a
-                                 pretrained model, issue 13; at most 6 tasks)
+                                 mirrored, inverted, noisy, blurred, shrunk,
+                                 permuted (distinct domains for fine-tuning a
+                                 pretrained model; at most 7 tasks)
 ==================  ===========  =====================================================
 
 Each kind is one :class:`_KindSpec` entry of ``_KIND_SPECS`` (its scenario, whether
@@ -172,11 +172,11 @@ def _rotate(max_angle, num_tasks, cval, t, x):
 
 
 #: The input change of task ``t`` of a ``finetune`` stream (module docs and ``_finetune``).
-FINETUNE_CHANGES: tuple[str, ...] = ("rotated90", "mirrored", "inverted", "noisy", "blurred", "permuted")
+FINETUNE_CHANGES: tuple[str, ...] = ("rotated90", "mirrored", "inverted", "noisy", "blurred", "shrunk", "permuted")
 # Noise of the ``noisy`` task: Gaussian, this standard deviation in units of the source's pixel range.
 _NOISE_STD = 0.3
 # Gaussian blur of the ``blurred`` task: this standard deviation in pixels, along H and W.
-_BLUR_SIGMA = 1.0
+_BLUR_SIGMA = 2.0
 # Stream tags so the finetune draws are independent of the other draws.
 _NOISE_STREAM = 0x401CE
 _FINETUNE_PERM_STREAM = 0xF17E
@@ -196,8 +196,11 @@ def _finetune(source: Source, num_tasks: int, seed: int, max_angle: float) -> _I
       drawn from ``np.random.default_rng([seed, 0x401CE, t, n])`` for an array of ``n``
       images (so a task's train and test splits get their own noise, the same on
       every build);
-    - ``blurred``: ``scipy.ndimage.gaussian_filter`` with sigma 1 pixel along H and W,
+    - ``blurred``: ``scipy.ndimage.gaussian_filter`` with sigma 2 pixels along H and W,
       borders filled with ``lo``;
+    - ``shrunk``: zoomed out by 2 about the image centre (``scipy.ndimage.affine_transform``,
+      output pixel ``o`` reads input ``2 o - c``, ``c = (H - 1) / 2, (W - 1) / 2``, bilinear,
+      outside filled with ``lo``): the digit at half size in the middle;
     - ``permuted``: a fixed permutation of the ``H*W*C`` values, drawn from
       ``np.random.default_rng([seed, 0xF17E])``.
 
@@ -232,6 +235,12 @@ def _finetune_change(seed, lo, hi, perm, t, x):
         from scipy import ndimage
 
         return ndimage.gaussian_filter(x, sigma=(0.0, _BLUR_SIGMA, _BLUR_SIGMA, 0.0), mode="constant", cval=lo)
+    if change == "shrunk":
+        from scipy import ndimage
+
+        ch, cw = (x.shape[1] - 1) / 2, (x.shape[2] - 1) / 2
+        m = np.diag([1.0, 2.0, 2.0, 1.0])
+        return ndimage.affine_transform(x, m, offset=(0.0, -ch, -cw, 0.0), order=1, mode="constant", cval=lo)
     return _permute([perm], 0, x)  # "permuted"
 
 
@@ -561,10 +570,10 @@ def make_stream(
         as ``perm_t[c]`` (see the module docs; Elsayed & Mahmood 2024).
         ``'finetune'`` -- task ``t`` applies the ``t``-th input change of
         ``FINETUNE_CHANGES`` (rotated 90 degrees, mirrored, inverted, noisy, blurred,
-        permuted; details in ``_finetune``), labels unchanged: distinct domains, none
+        shrunk, permuted; details in ``_finetune``), labels unchanged: distinct domains, none
         of them the source's, for fine-tuning a model pretrained on the source.
       num_tasks: ``T >= 1``; split kinds need ``num_classes % T == 0``; finetune
-        ``T <= len(FINETUNE_CHANGES)`` (6).
+        ``T <= len(FINETUNE_CHANGES)`` (7).
       seed: the stream's seed (permutations, random class order, subsets).
         Same seed -> byte-identical tasks.
       max_angle: rotated only, degrees (finite).
@@ -579,7 +588,7 @@ def make_stream(
 
     Raises:
       ValueError: unknown ``kind`` (lists the valid ones); ``num_tasks < 1``;
-        ``num_tasks > 6`` for finetune;
+        ``num_tasks > 7`` for finetune;
         ``num_classes % num_tasks != 0`` for a split kind (lists counts that work);
         a split group with no training examples; bad ``seed``, ``max_angle``,
         ``class_order`` or ``train_subset``.

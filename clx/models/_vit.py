@@ -28,8 +28,9 @@ from clx.models._cnn import _apply_head, _as_images, _check_sizes, _head
 from clx.models._mlp import _INITS
 from clx.tree import path_str
 
-# The position embedding and the class token start as N(0, 0.02^2), the original
-# ViT's ``posemb_init`` (vit_jax) and Hugging Face's ``initializer_range``.
+# The position embedding and the class token start as N(0, 0.02^2): the original ViT's
+# ``posemb_init`` (vit_jax ``AddPositionEmbs``; its class token starts at zero) and
+# Hugging Face's ``initializer_range`` (a truncated normal there) for both.
 _EMBED_INIT = nnx.initializers.normal(0.02)
 
 
@@ -126,7 +127,7 @@ class ViT(nnx.Module):
         attention (dividing ``dim``); mlp_dim: hidden width of each block's MLP.
       use_bias: biases on every Linear (the ViT has them).
       init: the Linears' kernel init: 'xavier' (Glorot uniform, the original ViT's
-        MLP init; default), 'torch' or 'lecun'. Biases start at zero, LayerNorms at
+        ``MlpBlock`` init in vit_jax; default), 'torch' or 'lecun'. Biases start at zero, LayerNorms at
         scale 1 / bias 0, ``cls_token`` and ``pos_embed`` at N(0, 0.02^2).
       layer_norm_eps: epsilon of every LayerNorm (1e-6, the original ViT's; 1e-12 for
         Hugging Face weights).
