@@ -13,7 +13,9 @@ shared with other jobs; lr 1e-3 for 1,200 steps gave 95.2 %).
 MNIST comes from ``clx.data.load_source("mnist", DIR)``: ``--data-dir``, else the
 repository's ``../shared/data/mnist`` (``experiments.configs.base.mnist_dir``);
 ``--source digits`` trains on scikit-learn's 8x8 digits instead (2x2 patches), for a
-quick check without files.
+quick check without files, and any other ``--source`` is a TFDS dataset read by
+``load_source`` (e.g. ``fashion_mnist``; ``--data-dir`` its TFDS directory). The patch
+side defaults to H // 4 (a 4x4 grid of patches).
 
 Writes, in ``--workdir`` (refused if it already holds ``params`` unless ``--overwrite``):
 
@@ -91,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", default="mnist", help="mnist (default) | digits")
-    p.add_argument("--data-dir", default="", help="the MNIST IDX directory (default: ../shared/data/mnist)")
+    p.add_argument("--source", default="mnist", help="mnist (default) | digits | a prepared TFDS dataset name")
+    p.add_argument("--data-dir", default="", help="the MNIST IDX directory (default: ../shared/data/mnist) or TFDS's")
     p.add_argument("--patch-size", type=int, default=0, help="0: H // 4 (7 on MNIST)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--depth", type=int, default=4)
@@ -104,13 +106,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> data.Source:
-    if args.source == "digits":
-        return data.load_source("digits")
-    if args.source != "mnist":
-        raise ValueError(f"--source must be mnist or digits, got {args.source!r}.")
-    from experiments.configs.base import mnist_dir
+    if args.source == "mnist":
+        from experiments.configs.base import mnist_dir
 
-    return data.load_source("mnist", args.data_dir or mnist_dir() or None)
+        return data.load_source("mnist", args.data_dir or mnist_dir() or None)
+    return data.load_source(args.source, args.data_dir or None)  # digits, or a TFDS dataset
 
 
 def main(argv=None) -> dict:

@@ -98,6 +98,7 @@ def test_bad_sizes_raise(kw, match):
         tiny(**kw)
 
 
+@pytest.mark.slow
 def test_gpm_chain_trains_the_vit_through_fit_on_a_two_task_stream(digits):
     stream = data.make_stream(digits, "finetune", 2, seed=0, train_subset=64)
     model, params = clx.FunctionalModel.from_module(tiny(depth=1))
@@ -319,6 +320,7 @@ def test_finetune_stream_tasks_apply_their_change_and_keep_the_labels(digits):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow
 def test_pretrain_script_saves_params_that_load_back_to_its_accuracy(tmp_path, digits):
     from experiments import pretrain_vit
 
