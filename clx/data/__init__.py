@@ -9,7 +9,7 @@ Two layers:
 * :class:`TaskStream` (``clx.data._streams``): a deterministic sequence of
   :class:`Task` s made from a source by :func:`make_stream`, one of :data:`KINDS`
   (``permuted``, ``rotated``, ``split_task_il``, ``split_domain_il``, ``split_class_il``,
-  ``label_permuted``) with its scenario.
+  ``label_permuted``, ``finetune``: the :data:`FINETUNE_CHANGES` in order) with its scenario.
 
 See those modules for shapes, label conventions and the errors raised.
 """
@@ -21,6 +21,7 @@ from clx.data._sources import MNIST_STD as MNIST_STD
 from clx.data._sources import Source as Source
 from clx.data._sources import _read_tfds_split as _read_tfds_split  # for tests
 from clx.data._sources import load_source as load_source
+from clx.data._streams import FINETUNE_CHANGES as FINETUNE_CHANGES
 from clx.data._streams import KINDS as KINDS
 from clx.data._streams import Task as Task
 from clx.data._streams import TaskStream as TaskStream
@@ -28,6 +29,7 @@ from clx.data._streams import make_stream as make_stream
 
 __all__ = [
     "BUILTIN_SOURCES",
+    "FINETUNE_CHANGES",
     "KINDS",
     "MNIST_FILES",
     "MNIST_MEAN",

@@ -2,7 +2,7 @@
 
 A :class:`TaskStream` is a sequence of :class:`Task` s made from a source,
 deterministic from a seed, each task built lazily by ``stream.task(t)`` (its test
-split alone by ``stream.test_set(t)``). :func:`make_stream` knows six kinds, named
+split alone by ``stream.test_set(t)``). :func:`make_stream` knows seven kinds, named
 after the benchmarks of the field and the scenarios of van de Ven & Tolias (2019),
 "Three scenarios for continual learning" (arXiv:1904.07734):
 
@@ -27,6 +27,11 @@ kind                scenario     what changes between tasks
                                  MNIST, Elsayed & Mahmood 2024, "Addressing Loss of
                                  Plasticity and Catastrophic Forgetting in Continual
                                  Learning": a plasticity stream, nothing to keep)
+``finetune``        domain_il    a different kind of input change per task, in the
+                                 order of ``FINETUNE_CHANGES``: rotated 90 degrees,
+                                 mirrored, inverted, noisy, blurred, shrunk,
+                                 permuted (distinct domains for fine-tuning a
+                                 pretrained model; at most 7 tasks)
 ==================  ===========  =====================================================
 
 Each kind is one :class:`_KindSpec` entry of ``_KIND_SPECS`` (its scenario, whether
@@ -36,7 +41,7 @@ means adding one entry there (and a row above).
 Label conventions (``Task.classes`` lists the original class ids of a task in the
 order of the stream's class order):
 
-* permuted / rotated: labels are the source labels, ``num_outputs = num_classes``.
+* permuted / rotated / finetune: labels are the source labels, ``num_outputs = num_classes``.
 * label_permuted: task ``t``'s label of class ``c`` is ``perm_t[c]``, the ``t``-th of
   ``num_tasks`` permutations of ``0..C-1`` drawn in order from
   ``np.random.default_rng([seed, 0x1AB31])`` (task 0 is permuted too);
@@ -166,6 +171,79 @@ def _rotate(max_angle, num_tasks, cval, t, x):
     return ndimage.rotate(x, angle, axes=(1, 2), reshape=False, order=1, mode="constant", cval=cval)
 
 
+#: The input change of task ``t`` of a ``finetune`` stream (module docs and ``_finetune``).
+FINETUNE_CHANGES: tuple[str, ...] = ("rotated90", "mirrored", "inverted", "noisy", "blurred", "shrunk", "permuted")
+# Noise of the ``noisy`` task: Gaussian, this standard deviation in units of the source's pixel range.
+_NOISE_STD = 0.3
+# Gaussian blur of the ``blurred`` task: this standard deviation in pixels, along H and W.
+_BLUR_SIGMA = 2.0
+# Stream tags so the finetune draws are independent of the other draws.
+_NOISE_STREAM = 0x401CE
+_FINETUNE_PERM_STREAM = 0xF17E
+
+
+def _finetune(source: Source, num_tasks: int, seed: int, max_angle: float) -> _InputChange:
+    """Task ``t`` applies ``FINETUNE_CHANGES[t]`` to every image; with ``lo, hi`` the
+    source's smallest and largest training pixel (the background and the ink):
+
+    - ``rotated90``: rotated by 90 degrees counter-clockwise as the ``rotated`` kind does
+      (``scipy.ndimage.rotate``, bilinear, ``reshape=False``, corners filled with
+      ``lo``): on square images exactly ``np.rot90(x, 1, axes=(1, 2))``;
+    - ``mirrored``: left-right flipped, ``x[:, :, ::-1]``;
+    - ``inverted``: ``lo + hi - x`` (``1 - x`` for images in [0, 1]; for standardised
+      MNIST, ``1 - x`` of the raw [0, 1] image, standardised again);
+    - ``noisy``: ``clip(x + e, lo, hi)``, ``e ~ N(0, (0.3 (hi - lo))^2)`` per value,
+      drawn from ``np.random.default_rng([seed, 0x401CE, t, n])`` for an array of ``n``
+      images (so a task's train and test splits get their own noise, the same on
+      every build);
+    - ``blurred``: ``scipy.ndimage.gaussian_filter`` with sigma 2 pixels along H and W,
+      borders filled with ``lo``;
+    - ``shrunk``: zoomed out by 2 about the image centre (``scipy.ndimage.affine_transform``,
+      output pixel ``o`` reads input ``2 o - c``, ``c = (H - 1) / 2, (W - 1) / 2``, bilinear,
+      outside filled with ``lo``): the digit at half size in the middle;
+    - ``permuted``: a fixed permutation of the ``H*W*C`` values, drawn from
+      ``np.random.default_rng([seed, 0xF17E])``.
+
+    Task 0 is changed too: no task is the source (the pretraining) domain.
+
+    Raises:
+      ValueError: ``num_tasks > len(FINETUNE_CHANGES)``.
+    """
+    if num_tasks > len(FINETUNE_CHANGES):
+        raise ValueError(
+            f"make_stream: 'finetune' has {len(FINETUNE_CHANGES)} kinds of task {FINETUNE_CHANGES}, "
+            f"got num_tasks={num_tasks}; use num_tasks <= {len(FINETUNE_CHANGES)}."
+        )
+    lo, hi = float(source.x_train.min()), float(source.x_train.max())
+    perm = np.random.default_rng([seed, _FINETUNE_PERM_STREAM]).permutation(math.prod(source.input_shape))
+    return functools.partial(_finetune_change, seed, lo, hi, perm)
+
+
+def _finetune_change(seed, lo, hi, perm, t, x):
+    change = FINETUNE_CHANGES[t]
+    if change == "rotated90":
+        return _rotate(90.0, 1, lo, 1, x)
+    if change == "mirrored":
+        return np.array(x[:, :, ::-1], copy=True)
+    if change == "inverted":
+        return (np.float32(lo + hi) - x).astype(np.float32)
+    if change == "noisy":
+        rng = np.random.default_rng([seed, _NOISE_STREAM, t, len(x)])
+        e = rng.standard_normal(x.shape, dtype=np.float32) * np.float32(_NOISE_STD * (hi - lo))
+        return np.clip(x + e, np.float32(lo), np.float32(hi))
+    if change == "blurred":
+        from scipy import ndimage
+
+        return ndimage.gaussian_filter(x, sigma=(0.0, _BLUR_SIGMA, _BLUR_SIGMA, 0.0), mode="constant", cval=lo)
+    if change == "shrunk":
+        from scipy import ndimage
+
+        ch, cw = (x.shape[1] - 1) / 2, (x.shape[2] - 1) / 2
+        m = np.diag([1.0, 2.0, 2.0, 1.0])
+        return ndimage.affine_transform(x, m, offset=(0.0, -ch, -cw, 0.0), order=1, mode="constant", cval=lo)
+    return _permute([perm], 0, x)  # "permuted"
+
+
 def _unchanged(source: Source, num_tasks: int, seed: int, max_angle: float) -> _InputChange:
     return _copy
 
@@ -223,6 +301,14 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         labels=_labels_permuted,
         inputs=_unchanged,
     ),
+    "finetune": _KindSpec(
+        "domain_il",
+        split=False,
+        head_per_task=False,
+        outputs_per_group=False,
+        labels=_source_labels,
+        inputs=_finetune,
+    ),
 }
 
 #: Stream kinds :func:`make_stream` knows, mapped to their scenario.
@@ -266,12 +352,13 @@ class TaskStream:
     cached while all of them together are small.
 
     Attributes:
-      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_domain_il' | 'split_class_il' | 'label_permuted'``.
-      scenario: ``'domain_il'`` (permuted, rotated, split_domain_il, label_permuted), ``'task_il'`` or
+      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_domain_il' | 'split_class_il' | 'label_permuted'
+        | 'finetune'``.
+      scenario: ``'domain_il'`` (permuted, rotated, split_domain_il, label_permuted, finetune), ``'task_il'`` or
         ``'class_il'``.
       num_tasks: number of tasks ``T``.
       num_outputs: logits per head: ``num_classes`` (permuted, rotated,
-        split_class_il) or ``num_classes // num_tasks`` (split_task_il, split_domain_il).
+        split_class_il, label_permuted, finetune) or ``num_classes // num_tasks`` (split_task_il, split_domain_il).
       num_heads: ``num_tasks`` for split_task_il, else 1.
       input_shape: ``(H, W, C)``.
       class_order: all class ids in the stream's order (``tuple(range(C))`` unless
@@ -481,7 +568,12 @@ def make_stream(
         (Zenke et al. 2017; scenarios per van de Ven & Tolias 2019).
         ``'label_permuted'`` -- the source's images; task ``t`` relabels class ``c``
         as ``perm_t[c]`` (see the module docs; Elsayed & Mahmood 2024).
-      num_tasks: ``T >= 1``; split kinds need ``num_classes % T == 0``.
+        ``'finetune'`` -- task ``t`` applies the ``t``-th input change of
+        ``FINETUNE_CHANGES`` (rotated 90 degrees, mirrored, inverted, noisy, blurred,
+        shrunk, permuted; details in ``_finetune``), labels unchanged: distinct domains, none
+        of them the source's, for fine-tuning a model pretrained on the source.
+      num_tasks: ``T >= 1``; split kinds need ``num_classes % T == 0``; finetune
+        ``T <= len(FINETUNE_CHANGES)`` (7).
       seed: the stream's seed (permutations, random class order, subsets).
         Same seed -> byte-identical tasks.
       max_angle: rotated only, degrees (finite).
@@ -496,6 +588,7 @@ def make_stream(
 
     Raises:
       ValueError: unknown ``kind`` (lists the valid ones); ``num_tasks < 1``;
+        ``num_tasks > 7`` for finetune;
         ``num_classes % num_tasks != 0`` for a split kind (lists counts that work);
         a split group with no training examples; bad ``seed``, ``max_angle``,
         ``class_order`` or ``train_subset``.
