@@ -290,7 +290,8 @@ def render(status: dict[str, dict], workdir: str, seeds: tuple[int, ...], smoke:
         f"last on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, from the results in `{workdir}` "
         f"(the commands use the default workdir; add `--workdir {workdir}` to read or resume those). "
         f"clx: mean ± std (ddof 0) over the seeds ({','.join(map(str, seeds))} asked; n per row), in %. "
-        "Published BWT: GPM's Table 1 prints it as a fraction (GPM -0.03), shown here in points (-3). "
+        "Published ACC in %. Published BWT: GPM's Table 1 prints it as a fraction (GPM -0.03), shown here in "
+        "points (-3), as the README reads it (the authors' code prints -3.1 % on this setup). "
         "Wall: the training loop of the row's run(s), all seeds together (data loading excluded). "
         '"recalled" sources were not re-read against the paper (see each config\'s docstring). '
         "A finished row is read, not rerun: delete `<workdir>/<row>` to run it again.",
