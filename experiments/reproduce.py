@@ -25,7 +25,9 @@ not on the machine (CIFAR-100 needs a TFDS download; MNIST needs its IDX files) 
 ``--smoke`` (CI: tests/test_reproduce.py) runs each chosen entry's own config cut to sklearn digits (2 tasks,
 100 training examples per task, 1 epoch, hidden layers of 16, replay memories and samples capped, 1 seed, no
 checkpoints) through the same row machinery, into ``--workdir`` (default ``runs/reproduce_smoke``) and
-``<workdir>/REPRODUCTION.md``, never the repository's file.
+``<workdir>/REPRODUCTION.md``, never the repository's file. Compilation dominates: 5-25 s a row on 2 shared CPU
+cores, so the test builds and checks every row's digits config (``experiments.run.prepare``: data, model, the rule's
+init) and runs two rows end to end (each method's run on digits is tests/test_experiments.py's).
 
 Bad input (an unknown row, a workdir that is a file, an ``--out`` that is a directory or in a missing one)
 raises before anything runs or is written.
