@@ -10,7 +10,7 @@ PYTHON ?= $(shell for c in python3.12 python3.13 python3; do \
     if command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$c; exit; fi; done; \
     for p in $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3; do [ -x $$p ] && echo $$p && exit; done)
 
-.PHONY: venv demo test pmnist bench clean
+.PHONY: venv demo test pmnist bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "error: clx needs Python >= 3.12; install it or pass PYTHON=/path/to/python3.12" >&2; exit 1; }
@@ -35,6 +35,11 @@ pmnist: venv
 
 bench: venv
 	$(PY) benchmarks/projection_overhead.py
+
+# The reproduction table (hours on CPU; resumable): REPRODUCTION.md. ROWS=pmnist_gpm/gpm,pmnist_vdv picks rows or groups.
+REPRO_WORKDIR ?= runs/reproduce
+reproduce: venv
+	$(PY) -m experiments.reproduce --workdir $(REPRO_WORKDIR) $(if $(ROWS),--rows $(ROWS))
 
 clean:
 	rm -rf $(VENV) runs

@@ -96,13 +96,21 @@ def _summary(out: str) -> dict | None:
     if not os.path.exists(path) and os.path.exists(single):  # one seed: no members summary
         with open(single) as f:
             r = json.load(f)
-        return {"acc": 100 * r["acc"], "std": 0.0, "n": 1, "wall": r["wall_seconds"]}
+        bwt = 100 * r["bwt"] if "bwt" in r else float("nan")
+        return {"acc": 100 * r["acc"], "std": 0.0, "bwt": bwt, "bwt_std": 0.0, "n": 1, "wall": r["wall_seconds"]}
     if not os.path.exists(path):
         return None
     with open(path) as f:
         s = json.load(f)
     g = s["groups"][0]
-    return {"acc": 100 * g["acc_mean"], "std": 100 * g["acc_std"], "n": g["members"], "wall": s["wall_seconds"]}
+    return {
+        "acc": 100 * g["acc_mean"],
+        "std": 100 * g["acc_std"],
+        "bwt": 100 * g["bwt_mean"],
+        "bwt_std": 100 * g["bwt_std"],
+        "n": g["members"],
+        "wall": s["wall_seconds"],
+    }
 
 
 def _per_seed(config, out: str, run) -> dict:
@@ -118,8 +126,27 @@ def _per_seed(config, out: str, run) -> dict:
             run(c, sub)
             got = _summary(sub)
         rows.append(got)
-    accs = np.array([g["acc"] for g in rows])
-    return {"acc": accs.mean(), "std": accs.std(), "n": len(rows), "wall": sum(g["wall"] for g in rows)}
+    accs, bwts = np.array([g["acc"] for g in rows]), np.array([g["bwt"] for g in rows])
+    return {
+        "acc": accs.mean(),
+        "std": accs.std(),
+        "bwt": bwts.mean(),
+        "bwt_std": bwts.std(),
+        "n": len(rows),
+        "wall": sum(g["wall"] for g in rows),
+    }
+
+
+def run_row(config, out: str, run) -> dict:
+    """Reads the row's results from ``out``, or runs it there with ``run(config, out)`` first (one run per seed for
+    a random class order: :func:`_per_seed`); returns its summary (ACC and BWT in %, mean and std, n, wall)."""
+    if config.stream.class_order == "random":
+        return _per_seed(config, out, run)
+    got = _summary(out)
+    if got is None:
+        run(config, out)
+        got = _summary(out)
+    return got
 
 
 def build(table: str, workdir: str, seeds: tuple[int, ...], rows: list[str] | None = None) -> str:
@@ -145,14 +172,7 @@ def build(table: str, workdir: str, seeds: tuple[int, ...], rows: list[str] | No
         "|---|---|---|---|---|---|",
     ]
     for r in chosen:
-        out = os.path.join(workdir, table, r)
-        if configs[r].stream.class_order == "random":
-            got = _per_seed(configs[r], out, run)
-        else:
-            got = _summary(out)
-            if got is None:
-                run(configs[r], out)
-                got = _summary(out)
+        got = run_row(configs[r], os.path.join(workdir, table, r), run)
         pub, source = spec[r][3], spec[r][4]
         diff = f"{got['acc'] - pub:+.2f}" if pub is not None else ""
         lines.append(
