@@ -47,17 +47,17 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=1, help="epochs per task (the published setup: 5)")
     parser.add_argument("--every", type=int, default=100, help="eval.every_steps")
-    parser.add_argument("--samples", default="1000,200", help="comma-separated eval.samples to time")
+    parser.add_argument("--samples", default="200,1000", help="comma-separated eval.samples to time")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (the median is printed)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.samples.split(",")]
-    variants = [("off", 0, 1000)] + [(f"every {args.every}, n={n}", args.every, n) for n in sizes]
+    variants = [("off", None, 200)] + [(f"every {args.every}, n={n}", args.every, n) for n in sizes]
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, every, n in variants:
-                out = run.run(config(args.tasks, args.epochs, every, n), os.path.join(tmp, f"{r}_{every}_{n}"))
+                out = run.run(config(args.tasks, args.epochs, every, n), os.path.join(tmp, f"{r}_{every or 0}_{n}"))
                 results[name] = out["gpm"]
                 times[name].append(out["gpm"]["train_seconds"])
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}

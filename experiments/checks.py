@@ -26,8 +26,11 @@ class Range:
     hi_open: bool = False
     integer: bool = False
     also: tuple = ()
+    unset_ok: bool = False  # None (the key left unset: off) is allowed
 
     def ok(self, x) -> bool:
+        if x is None:
+            return self.unset_ok
         if isinstance(x, bool) or not isinstance(x, numbers.Real):
             return False
         if self.integer and not isinstance(x, numbers.Integral):
@@ -49,7 +52,8 @@ class Range:
             text = "a finite number"
         if self.integer:
             text = "an integer" + ("" if text == "a finite number" else f" {text}")
-        return text + "".join(f" or {a}" for a in self.also)
+        text += "".join(f" or {a}" for a in self.also)
+        return text + (" or unset (None: off)" if self.unset_ok else "")
 
 
 POSITIVE = Range(0, lo_open=True)
@@ -151,12 +155,12 @@ RULES: dict[str, tuple[Range, str]] = {
     "redo.tau": (NONNEGATIVE, "ReDo's dormancy threshold"),
     "redo.period": (COUNT, "steps between recycles"),
     "eval.plasticity_metrics_tau": (NONNEGATIVE, "ReDo's dormancy threshold for the per-task diagnostics"),
-    "eval.every_steps": (OPTIONAL_COUNT, "continual evaluation every this many optimizer steps; 0 = off"),
+    "eval.every_steps": (Range(1, integer=True, unset_ok=True), "continual evaluation every this many optimizer steps"),
     "eval.samples": (COUNT, "each task's test subsample for continual evaluation"),
 }
 
-#: Numeric keys checked otherwise: every ``sweep.grid`` value against the rule of ``sweep.key``.
-SPECIAL = ("sweep.grid",)
+#: Numeric keys checked otherwise: every ``sweep.grid`` (``grid2``) value against the rule of ``sweep.key`` (``key2``).
+SPECIAL = ("sweep.grid", "sweep.grid2")
 
 
 def check_config(config) -> None:
@@ -171,10 +175,11 @@ def check_config(config) -> None:
         if block is None or name not in block:
             continue
         _check(f"config.{key}", block[name], rule, what)
-    key = str(config.get("sweep", {}).get("key", ""))
-    if key in RULES:
-        rule, what = RULES[key]
-        _check(f"config.sweep.grid sets {key}: {key}", tuple(config.sweep.grid), rule, what, fix="fix the grid")
+    for k, g in (("key", "grid"), ("key2", "grid2")):
+        key = str(config.get("sweep", {}).get(k, ""))
+        if key in RULES:
+            rule, what = RULES[key]
+            _check(f"config.sweep.{g} sets {key}: {key}", tuple(config.sweep[g]), rule, what, fix=f"fix sweep.{g}")
 
 
 def _check(name: str, value, rule: Range, what: str, fix: str = "") -> None:

@@ -59,13 +59,21 @@ class TensorBoardLog:
       method_results: ``(rule_state, member) -> dict`` (the registry's ``Method.results``), read at each
         task end; ``member`` is None for a single run, else the member's index.
       epochs: epochs per task (the step of ``train/loss``).
+      members: whether ``fit``'s arrays carry a leading member axis (``fit_members``, even with one
+        member, e.g. a one-value sweep); None: when there is more than one directory.
     """
 
-    def __init__(self, dirs: Sequence[str], method_results: Callable[[Any, int | None], dict], epochs: int):
+    def __init__(
+        self,
+        dirs: Sequence[str],
+        method_results: Callable[[Any, int | None], dict],
+        epochs: int,
+        members: bool | None = None,
+    ):
         from tensorboardX import SummaryWriter
 
         self.writers = [SummaryWriter(os.path.join(d, SUBDIR), flush_secs=30) for d in dirs]
-        self.members = len(dirs) > 1
+        self.members = len(dirs) > 1 if members is None else bool(members)
         self.method_results = method_results
         self.epochs = int(epochs)
 

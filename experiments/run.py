@@ -53,7 +53,9 @@ class Plan:
 
     methods: list[methods.Method]
     stream: data.TaskStream
-    members: list[tuple[int, float | None]]  # (seed, sweep value) per member; [(seed, None)] for a plain run
+    # (seed, sweep value) per member: the value a float (sweep.key), a (float, float) pair (sweep.key x sweep.key2)
+    # or None; [(seed, None)] for a plain run
+    members: list[tuple[int, float | tuple[float, float] | None]]
     mesh: jax.sharding.Mesh | None
     first: dict[str, tuple]  # method name -> (model, params) of the first member (built by the checks)
 
@@ -104,18 +106,41 @@ def prepare(config) -> Plan:
                 f"{type(model).__name__}; set config.eval.plasticity_metrics=False for it."
             )
         for value in dict.fromkeys(v for _, v in members):  # each sweep value once (None: no sweep)
-            rule = method.make_rule(config, model, value)
+            rule = method.make_rule(config, model, swept_values(sweep_keys(config), value))
             jax.eval_shape(rule.init, params)  # the rule's own checks against the params, without allocating
         first[method.name] = (model, params)
     return Plan(chosen, stream, members, mesh, first)
 
 
-def _members(config, chosen) -> list[tuple[int, float | None]]:
-    """(seed, sweep value) of every member: values x seeds; one member (seed, None) without seeds or sweep."""
+def sweep_keys(config) -> tuple[str, ...]:
+    """The swept hyperparameters: () without a sweep, ``(sweep.key,)``, or ``(sweep.key, sweep.key2)``."""
+    return tuple(k for k in (config.sweep.key, config.sweep.get("key2", "")) if k)
+
+
+def swept_values(keys: tuple[str, ...], value):
+    """One member's sweep value as ``make_rule``'s ``hp``: ``{key: value}`` (two keys: a pair, or a traced (2,)
+    array inside ``fit_members``, one entry each), or None without a sweep."""
+    if value is None or not keys:
+        return None
+    if len(keys) == 1:
+        return {keys[0]: value}
+    return {k: value[i] for i, k in enumerate(keys)}
+
+
+def _members(config, chosen) -> list[tuple[int, float | tuple[float, float] | None]]:
+    """(seed, sweep value) of every member: values x seeds (sweep.grid, crossed with sweep.grid2 for a second key,
+    as (v, v2) pairs); one member (seed, None) without seeds or sweep."""
     seeds = [int(s) for s in (config.seeds or (config.seed,))]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"config.seeds repeats a seed: {list(config.seeds)}.")
-    key = config.sweep.key
+    key, key2 = config.sweep.key, config.sweep.get("key2", "")
+    grid2 = tuple(config.sweep.get("grid2", ()))
+    if key2 and not key:
+        raise ValueError(f"config.sweep.key2={key2!r} needs config.sweep.key (the first hyperparameter) and its grid.")
+    if len(grid2) and not key2:
+        raise ValueError("config.sweep.grid2 is set but config.sweep.key2 is empty; name the second hyperparameter.")
+    if key2 and key2 == key:
+        raise ValueError(f"config.sweep.key2 repeats config.sweep.key={key!r}; sweep two different hyperparameters.")
     if not key:
         if len(config.sweep.grid):
             common = sorted(set.intersection(*(set(m.sweepable) for m in chosen)))
@@ -126,9 +151,16 @@ def _members(config, chosen) -> list[tuple[int, float | None]]:
         return [(s, None) for s in seeds]
     for method in chosen:
         methods.check_sweep(method, key)
+        if key2:
+            methods.check_sweep(method, key2)
     values = [float(v) for v in config.sweep.grid]
     if not values:
         raise ValueError(f"config.sweep.key={key!r} needs config.sweep.grid, e.g. (0.95, 0.97, 0.99).")
+    if key2:
+        values2 = [float(v) for v in grid2]
+        if not values2:
+            raise ValueError(f"config.sweep.key2={key2!r} needs config.sweep.grid2, e.g. (0.001, 0.01).")
+        values = [(a, b) for a in values for b in values2]
     return [(s, v) for v in values for s in seeds]
 
 
@@ -213,7 +245,7 @@ def _experiment_code() -> dict:
 
 def _run_method(method, plan, config, out, on_save) -> dict:
     """Trains ``method`` (all members in one program), writes its results under ``out``; returns the first's."""
-    name, members, key = method.name, plan.members, config.sweep.key
+    name, members, keys = method.name, plan.members, sweep_keys(config)
     ckpt = None
     if config.checkpoint.enabled:
         ckpt = CheckpointOptions(
@@ -234,16 +266,20 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         checkpoint=ckpt,
         on_save=on_save,
         evaluate=config.eval.tasks,
-        eval_every_steps=int(config.eval.every_steps),
+        eval_every_steps=config.eval.every_steps,
         eval_samples=int(config.eval.samples),
     )
     model, params = plan.first[name]
     log = None
     if config.log.tensorboard and jax.process_index() == 0:
         dirs = (
-            [out] if len(members) == 1 and not key else [os.path.join(out, _member_name(s, v, key)) for s, v in members]
+            [out]
+            if len(members) == 1 and not keys
+            else [os.path.join(out, _member_name(s, v, keys)) for s, v in members]
         )
-        log = common["on_task_end"] = TensorBoardLog(dirs, method.results, config.train.epochs)
+        log = common["on_task_end"] = TensorBoardLog(
+            dirs, method.results, config.train.epochs, members=len(members) > 1 or bool(keys)
+        )
     if config.eval.plasticity_metrics:
         common["task_metrics"] = functools.partial(
             clx.metrics.plasticity_metrics, model, tau=float(config.eval.plasticity_metrics_tau)
@@ -251,7 +287,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
     # Model-specific facts (e.g. a hypernetwork's compression ratio); shapes only, read before fit donates params.
     extra = model.extra_results(params) if hasattr(model, "extra_results") else {}
     try:
-        if len(members) == 1 and not key:  # the plain path (bit-identical to a run without members)
+        if len(members) == 1 and not keys:  # the plain path (bit-identical to a run without members)
             result = fit(model, params, method.make_rule(config, model), plan.stream, seed=members[0][0], **common)
             per_member = [
                 (
@@ -271,7 +307,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             result = fit_members(
                 model,
                 params_list,
-                lambda hp: method.make_rule(config, model, None if not key else hp),
+                lambda hp: method.make_rule(config, model, swept_values(keys, hp)),
                 hps,
                 plan.stream,
                 seeds=[s for s, _ in members],
@@ -325,9 +361,9 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             results["member"] = {
                 "seed": who[0],
                 "members": len(members),
-                **({key: who[1]} if who[1] is not None else {}),
+                **(swept_values(keys, who[1]) or {}),
             }
-            member_out = os.path.join(out, _member_name(who[0], who[1], key))
+            member_out = os.path.join(out, _member_name(who[0], who[1], keys))
         if jax.process_index() == 0:
             report.write_results(member_out, results)
         member_rows[member_out] = results
@@ -340,7 +376,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
             flush=True,
         )
         return first
-    summary = _members_summary(name, members, key, member_rows, result.wall_seconds)
+    summary = _members_summary(name, members, keys, member_rows, result.wall_seconds)
     if jax.process_index() == 0:
         with open(os.path.join(out, "members_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -402,8 +438,13 @@ def environment() -> dict:
     }
 
 
-def _member_name(seed, value, key):
-    return f"seed_{seed}" if value is None else f"{key}={value:g}_seed_{seed}"
+def _value_name(value, keys) -> str:
+    """``gpm.threshold=0.97`` or, for two keys, ``ewc.lam=10_train.lr=0.01``."""
+    return "_".join(f"{k}={v:g}" for k, v in swept_values(keys, value).items())
+
+
+def _member_name(seed, value, keys):
+    return f"seed_{seed}" if value is None else f"{_value_name(value, keys)}_seed_{seed}"
 
 
 def _fingerprint_config(config, chosen) -> dict:
@@ -417,7 +458,7 @@ def _fingerprint_config(config, chosen) -> dict:
     return d
 
 
-def _members_summary(name, members, key, member_rows, wall) -> dict:
+def _members_summary(name, members, keys, member_rows, wall) -> dict:
     """Mean and std (ddof=0) of every metric over each sweep value's seeds (one group without a sweep)."""
     rows = list(member_rows.values())
     groups = {}
@@ -425,7 +466,8 @@ def _members_summary(name, members, key, member_rows, wall) -> dict:
         groups.setdefault(value, []).append(row)
     out = {
         "method": name,
-        "sweep_key": key or None,
+        "sweep_key": keys[0] if keys else None,
+        "sweep_keys": list(keys),
         "members": len(members),
         "wall_seconds": wall,
         "member_dirs": [os.path.basename(d) for d in member_rows],
@@ -433,8 +475,8 @@ def _members_summary(name, members, key, member_rows, wall) -> dict:
     }
     for value, grp in groups.items():
         g = {
-            "name": "all seeds" if value is None else f"{key}={value:g}",
-            "value": value,
+            "name": "all seeds" if value is None else _value_name(value, keys),
+            "value": list(value) if isinstance(value, tuple) else value,
             "members": len(grp),
             "seeds": [r["member"]["seed"] for r in grp],
         }

@@ -1,9 +1,13 @@
-r"""Chooses one hyperparameter honestly: tuned on one stream, reported on another.
+r"""Chooses one or two hyperparameters honestly: tuned on one stream, reported on another.
 
     python -m experiments.tune --config experiments/configs/pmnist_gpm.py --method gpm \
         --key gpm.threshold --grid 0.9,0.95,0.97,0.99 --workdir runs/tune_gpm \
+        [--key2 train.lr --grid2 0.005,0.01] \
         [--seeds 0,1,2] [--criterion acc] [--tune-tasks N] [--tune-stream-seed S] [--overwrite] \
         [--config.stream.num_tasks=3 --config.train.epochs=1 ...]
+
+With ``--key2`` / ``--grid2`` the grid is every (value, value2) pair (``config.sweep.key2``:
+grid x grid2 x seeds members in the one tuning run) and the winner is a pair.
 
 Cha & Cho 2024, "Hyperparameters in Continual Learning: a Reality Check"
 (arXiv:2403.09066): choosing the hyperparameters on the very stream one then reports
@@ -81,6 +85,8 @@ OUTPUTS = ("tuning", "evaluation", "TUNING.md", "tuning.json")
 _METHOD = flags.DEFINE_string("method", "", "The method to tune (default: config.method, when it names one).")
 _KEY = flags.DEFINE_string("key", "", "The hyperparameter to tune: a key the method lists in `sweepable`.")
 _GRID = flags.DEFINE_string("grid", "", "Comma-separated values of --key (at least 2), e.g. 0.9,0.95,0.99.")
+_KEY2 = flags.DEFINE_string("key2", "", "A second hyperparameter, crossed with --key (grid x grid2 points).")
+_GRID2 = flags.DEFINE_string("grid2", "", "Comma-separated values of --key2 (at least 2).")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated member seeds (init, batch order) of both phases.")
 _CRITERION = flags.DEFINE_enum("criterion", "acc", list(CRITERIA), "What picks the winner (mean over seeds).")
 _TUNE_TASKS = flags.DEFINE_integer("tune-tasks", 0, "Tune on the first N tasks of the tuning stream; 0 = all.")
@@ -111,28 +117,28 @@ def parse_grid(text: str) -> list[float]:
     return values
 
 
-def check_grid(grid) -> list[float]:
-    """The grid as floats, checked: at least two distinct finite numbers.
+def check_grid(grid, flag: str = "--grid") -> list[float]:
+    """The grid as floats, checked: at least two distinct finite numbers (``flag`` names it in messages).
 
     Raises:
       ValueError: an empty grid, one value, a repeated or non-numeric value (the message names it).
     """
     if isinstance(grid, str):
-        return check_grid(parse_grid(grid))
+        return check_grid(parse_grid(grid) if grid.strip() else [], flag)
     grid = list(grid)
     if not grid:
-        raise ValueError("the tuning grid is empty; pass the values to try, e.g. --grid 0.9,0.95,0.99.")
+        raise ValueError(f"the tuning grid is empty; pass the values to try, e.g. {flag} 0.9,0.95,0.99.")
     for v in grid:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-            raise ValueError(f"the tuning grid value {v!r} (in {grid}) is not a finite number; fix --grid.")
+            raise ValueError(f"the tuning grid value {v!r} (in {grid}) is not a finite number; fix {flag}.")
     grid = [float(v) for v in grid]
     if len(grid) < 2:
         raise ValueError(
-            f"a tuning grid needs at least 2 values, got {grid}; to run one value use "
-            "`python -m experiments.main` (there is nothing to choose)."
+            f"a tuning grid ({flag}) needs at least 2 values, got {grid}; to run one value set it in the config "
+            "(or use `python -m experiments.main`: there is nothing to choose)."
         )
     if len(set(grid)) != len(grid):
-        raise ValueError(f"the tuning grid repeats a value: {grid}; list each value once.")
+        raise ValueError(f"the tuning grid ({flag}) repeats a value: {grid}; list each value once.")
     return grid
 
 
@@ -165,15 +171,16 @@ def _seeds(seeds) -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
-def _phase_config(config, method: str, key: str, grid, seeds, stream_seed: int, num_tasks: int):
-    """A copy of ``config``: ``method``, ``key`` swept over ``grid`` x ``seeds``, the stream of ``stream_seed``."""
+def _phase_config(config, method: str, keys, grids, seeds, stream_seed: int, num_tasks: int):
+    """A copy of ``config``: ``method``, ``keys`` swept over ``grids`` (crossed) x ``seeds``, the stream of
+    ``stream_seed``."""
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.method = method
         c.seed = int(stream_seed)
         c.seeds = tuple(seeds)
-        c.sweep.key = key
-        c.sweep.grid = tuple(grid)
+        c.sweep.key, c.sweep.grid = keys[0], tuple(grids[0])
+        c.sweep.key2, c.sweep.grid2 = (keys[1], tuple(grids[1])) if len(keys) == 2 else ("", ())
         c.stream.num_tasks = int(num_tasks)
     return c
 
@@ -221,6 +228,8 @@ def tune(
     *,
     key: str,
     grid,
+    key2: str = "",
+    grid2=(),
     seeds=(0, 1, 2),
     criterion: str = "acc",
     method: str = "",
@@ -237,6 +246,8 @@ def tune(
         ``seeds`` and ``sweep`` are replaced by ``seeds`` and the grid.
       key: a key the method lists in ``sweepable`` (e.g. ``gpm.threshold``, ``ewc.lam``, ``train.lr``).
       grid: >= 2 distinct numbers (or a comma-separated string of them).
+      key2, grid2: an optional second hyperparameter and its >= 2 values: the grid is then every
+        (value, value2) pair, all in the one tuning run; the winner is a pair.
       seeds: the member seeds of both phases (init and batch order; the streams are the phases' own).
       criterion: a key of :data:`CRITERIA`.
       method: the method to tune; "" = ``config.method`` when it names exactly one.
@@ -253,6 +264,15 @@ def tune(
     """
     # ---- checks: nothing is written or trained before all of them pass ----
     grid = check_grid(grid)
+    keys, grids = (key,), (grid,)
+    if key2 or (grid2 if isinstance(grid2, str) else len(grid2)):
+        if not key2:
+            raise ValueError("--grid2 is set but --key2 is empty; name the second hyperparameter.")
+        if key2 == key:
+            raise ValueError(f"--key2 repeats --key {key!r}; tune two different hyperparameters.")
+        grid2 = check_grid(grid2, "--grid2")
+        keys, grids = (key, key2), (grid, grid2)
+    points = [v for v in grid] if len(keys) == 1 else [[a, b] for a in grid for b in grid2]
     seeds = _seeds(seeds)
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {list(CRITERIA)}.")
@@ -262,7 +282,8 @@ def tune(
     chosen = methods.get(names[0])
     if not key:
         raise ValueError(f"name the hyperparameter to tune with --key, one of {list(chosen.sweepable)}.")
-    methods.check_sweep(chosen, key)
+    for k in keys:
+        methods.check_sweep(chosen, k)
     if criterion in _NEED_SEEN and config.eval.tasks != "seen":
         raise ValueError(
             f"--criterion {criterion} needs the old tasks' accuracies, and config.eval.tasks={config.eval.tasks!r} "
@@ -294,8 +315,8 @@ def tune(
         raise FileExistsError(
             f"{workdir} already holds a finished tuning ({done}); pass --overwrite to replace it, or another --workdir."
         )
-    tune_config = _phase_config(config, chosen.name, key, grid, seeds, stream_seed, tune_tasks)
-    eval_config = _phase_config(config, chosen.name, key, grid, seeds, config.seed, num_tasks)
+    tune_config = _phase_config(config, chosen.name, keys, grids, seeds, stream_seed, tune_tasks)
+    eval_config = _phase_config(config, chosen.name, keys, grids, seeds, config.seed, num_tasks)
     tune_plan = prepare(tune_config)  # every grid value's rule is built in both: whichever wins can run
     eval_plan = prepare(eval_config)
     shared = _shared_tasks(tune_plan.stream, eval_plan.stream)
@@ -315,12 +336,14 @@ def tune(
     run(tune_config, tune_out)
     tuned = _phase_results(tune_out)
     groups = tuned["summary"]["groups"]
-    assert [g["value"] for g in groups] == grid, ([g["value"] for g in groups], grid)
+    assert [g["value"] for g in groups] == points, ([g["value"] for g in groups], points)
     winner_index = pick([g[f"{criterion}_mean"] for g in groups], criterion)
-    winner = grid[winner_index]
+    winner = points[winner_index]
     t1 = time.time()
 
-    eval_config.sweep.grid = (winner,)
+    eval_config.sweep.grid = (winner if len(keys) == 1 else winner[0],)
+    if len(keys) == 2:
+        eval_config.sweep.grid2 = (winner[1],)
     eval_out = os.path.join(workdir, "evaluation")
     run(eval_config, eval_out)
     evaluated = _phase_results(eval_out)
@@ -331,6 +354,9 @@ def tune(
         "method": chosen.name,
         "key": key,
         "grid": grid,
+        **({"key2": key2, "grid2": grid2} if len(keys) == 2 else {}),
+        "keys": list(keys),
+        "points": points,
         "seeds": list(seeds),
         "criterion": criterion,
         "criterion_rule": (
@@ -349,7 +375,7 @@ def tune(
                 {
                     "value": grp["value"],
                     **{f"{m}_{s}": grp[f"{m}_{s}"] for m in CRITERIA for s in ("mean", "std")},
-                    "acc_per_seed": [r["acc"] for r in tuned["members"] if r["member"][key] == grp["value"]],
+                    "acc_per_seed": [r["acc"] for r in tuned["members"] if _point(r["member"], keys) == grp["value"]],
                 }
                 for grp in groups
             ],
@@ -376,38 +402,53 @@ def tune(
     return report
 
 
+def _point(member: dict, keys) -> float | list[float]:
+    """A member's grid point (results.json ``member``): its value of the key, or its [value, value2]."""
+    return member[keys[0]] if len(keys) == 1 else [member[k] for k in keys]
+
+
+def _point_text(point, keys, sep: str = ", ") -> str:
+    values = [point] if len(keys) == 1 else point
+    return sep.join(f"{k}={v:g}" for k, v in zip(keys, values))
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def markdown(report: dict) -> str:
     """TUNING.md: the protocol, the grid's tuning table, the winner, its evaluation and the gap."""
-    key, crit, tun, ev = report["key"], report["criterion"], report["tuning"], report["evaluation"]
+    keys = report.get("keys") or [report["key"]]
+    crit, tun, ev = report["criterion"], report["tuning"], report["evaluation"]
     n = len(report["seeds"])
     extra = crit not in ("acc", "bwt")
-    head = f"| {key} | tuning ACC % | tuning BWT % |" + (f" tuning {crit} % |" if extra else "") + " chosen |"
+    head = f"| {' | '.join(keys)} | tuning ACC % | tuning BWT % |" + (f" tuning {crit} % |" if extra else "")
+    head += " chosen |"
+    winner = _point_text(report["winner"], keys)
     lines = [
-        f"# Tuning {report['method']}: {key}",
+        f"# Tuning {report['method']}: {' x '.join(keys)}",
         "",
         f"Protocol (Cha & Cho 2024, arXiv:2403.09066): tuned on the stream of seed {tun['stream_seed']} "
         f"({tun['num_tasks']} tasks), evaluated on the stream of seed {ev['stream_seed']} ({ev['num_tasks']} tasks), "
         f"{n} seeds ({', '.join(map(str, report['seeds']))}) in each phase; mean ± std over seeds (ddof=0). "
         f"Tuning tasks identical to an evaluation task: {tun['tasks_shared_with_evaluation'] or 'none'}.",
         "",
-        f"Winner: **{key}={report['winner']:g}**, by the {report['criterion_rule']}.",
+        f"Winner: **{winner}**, by the {report['criterion_rule']}.",
         "",
         head,
-        "|---|---|---|" + ("---|" if extra else "") + "---|",
+        "|---" * len(keys) + "|---|---|" + ("---|" if extra else "") + "---|",
     ]
     for i, v in enumerate(tun["values"]):
-        row = f"| {v['value']:g} | {_pm(v['acc_mean'], v['acc_std'])} | {_pm(v['bwt_mean'], v['bwt_std'])} |"
+        values = [v["value"]] if len(keys) == 1 else v["value"]
+        row = f"| {' | '.join(f'{x:g}' for x in values)} | {_pm(v['acc_mean'], v['acc_std'])} | "
+        row += f"{_pm(v['bwt_mean'], v['bwt_std'])} |"
         if extra:
             row += f" {_pm(v[f'{crit}_mean'], v[f'{crit}_std'])} |"
         lines.append(row + (" winner |" if i == report["winner_index"] else " |"))
     win = tun["values"][report["winner_index"]]
     lines += [
         "",
-        f"| {key}={report['winner']:g} | ACC % | BWT % |",
+        f"| {winner} | ACC % | BWT % |",
         "|---|---|---|",
         f"| tuning stream (seed {tun['stream_seed']}) | {_pm(win['acc_mean'], win['acc_std'])} | "
         f"{_pm(win['bwt_mean'], win['bwt_std'])} |",
@@ -440,6 +481,8 @@ def main(argv):
             workdir,
             key=_KEY.value,
             grid=_GRID.value,
+            key2=_KEY2.value,
+            grid2=_GRID2.value,
             seeds=_SEEDS.value,
             criterion=_CRITERION.value,
             method=_METHOD.value,

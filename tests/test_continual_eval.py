@@ -151,14 +151,17 @@ def test_continual_metrics_refuses_bad_curves(acc, task, match):
 
 
 def test_bad_eval_every_steps_and_samples_raise_before_training():
-    with pytest.raises(ValueError, match="eval_every_steps must be an integer >= 0"):
-        _fit(eval_every_steps=-1)
+    for bad in (0, -1, 2.5):  # the issue: "eval.every_steps below 1" is bad input; None is off
+        with pytest.raises(ValueError, match="eval_every_steps must be an integer >= 1"):
+            _fit(eval_every_steps=bad)
     with pytest.raises(ValueError, match="eval_samples must be an integer >= 1"):
         _fit(eval_every_steps=5, eval_samples=0)
     c = tiny.digits_config("finetune")
-    c.eval.every_steps = -3
-    with pytest.raises(ValueError, match=r"config.eval.every_steps must be an integer >= 0, got -3"):
-        run.prepare(c)
+    assert c.eval.every_steps is None  # off unless set
+    for bad in (0, -3):
+        c.eval.every_steps = bad
+        with pytest.raises(ValueError, match=rf"config.eval.every_steps must be an integer >= 1 or unset .*got {bad}"):
+            run.prepare(c)
 
 
 def test_results_and_report_carry_the_continual_metrics(tmp_path, evaluated):

@@ -115,7 +115,7 @@ def _rotated(c):
 @pytest.mark.parametrize(
     "grid,kwargs,edit,error,match",
     [
-        ([0.1], {}, None, ValueError, r"a tuning grid needs at least 2 values, got \[0.1\]"),
+        ([0.1], {}, None, ValueError, r"a tuning grid \(--grid\) needs at least 2 values, got \[0.1\]"),
         ([], {}, None, ValueError, "the tuning grid is empty"),
         ("", {}, None, ValueError, "the tuning grid is empty"),
         ("0.1,abc", {}, None, ValueError, r"grid value 'abc' .in '0.1,abc'. is not a finite number"),
@@ -136,6 +136,11 @@ def _rotated(c):
         (GRID, {"tune_tasks": 1, "criterion": "bwt"}, None, ValueError, "bwt needs at least 2 tuning tasks"),
         (GRID, {"tune_stream_seed": 0}, None, ValueError, "must be >= 0 and differ from config.seed=0"),
         (GRID, {}, _rotated, ValueError, "the same tasks as the evaluation stream"),
+        (GRID, {"grid2": "0.1,0.2"}, None, ValueError, "--grid2 is set but --key2 is empty"),
+        (GRID, {"key2": "train.lr", "grid2": (0.1, 0.2)}, None, ValueError, "--key2 repeats --key"),
+        (GRID, {"key2": "ewc.lam", "grid2": (0.1, 0.2)}, None, ValueError, "not supported for method 'finetune'"),
+        (GRID, {"key2": "ewc.lam", "grid2": (5.0,)}, None, ValueError, r"grid \(--grid2\) needs at least 2"),
+        (GRID, {"key2": "ewc.lam", "grid2": ""}, None, ValueError, "empty; pass the values to try, e.g. --grid2"),
     ],
 )
 def test_bad_input_raises_before_anything_is_written(tmp_path, grid, kwargs, edit, error, match):
@@ -157,3 +162,28 @@ def test_pick_takes_the_best_mean_the_first_on_a_tie_and_never_nan():
     with pytest.raises(ValueError, match="every grid value's tuning acc is NaN"):
         tune_lib.pick([np.nan, np.nan])
     assert tune_lib.parse_grid(" 1e-3, 0.5 ,2") == [0.001, 0.5, 2.0]
+
+
+def test_two_hyperparameters_are_tuned_as_one_grid_of_pairs(tmp_path):
+    """--key ewc.lam --key2 train.lr: every pair in the one tuning run, the winner the best pair, evaluated alone."""
+    workdir = str(tmp_path / "run")
+    lams, lrs = (1.0, 100.0), (0.01, 0.3)
+    report = tune_lib.tune(
+        _config("ewc"), workdir, key="ewc.lam", grid=lams, key2="train.lr", grid2=lrs, seeds=(0,), command="pytest"
+    )
+    points = [[a, b] for a in lams for b in lrs]
+    assert report["points"] == points and report["keys"] == ["ewc.lam", "train.lr"]
+    values = report["tuning"]["values"]
+    assert [v["value"] for v in values] == points
+    for v in values:
+        name = f"ewc.lam={v['value'][0]:g}_train.lr={v['value'][1]:g}_seed_0"
+        assert v["acc_per_seed"] == [_json(os.path.join(workdir, "tuning", name, "results.json"))["acc"]]
+    means = [v["acc_mean"] for v in values]
+    assert report["winner"] == points[int(np.argmax(means))]
+    win = report["winner"]
+    assert sorted(os.listdir(os.path.join(workdir, "evaluation"))) == [
+        f"ewc.lam={win[0]:g}_train.lr={win[1]:g}_seed_0",
+        "members_summary.json",
+    ]
+    md = open(os.path.join(workdir, "TUNING.md")).read()
+    assert "| ewc.lam | train.lr | tuning ACC % |" in md and f"ewc.lam={win[0]:g}, train.lr={win[1]:g}" in md

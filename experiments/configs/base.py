@@ -7,6 +7,7 @@ registered method's ``config()`` with its paper's defaults (experiments/methods/
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments import methods
 
@@ -31,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict()
     c.sweep.key = ""  # '' (none) | a key each method lists in `sweepable`: 'gpm.threshold' (every layer), 'train.lr'
     c.sweep.grid = ()  # the values of sweep.key
+    c.sweep.key2 = ""  # '' | a second sweepable key, crossed with the first: members = grid x grid2 x seeds
+    c.sweep.grid2 = ()  # the values of sweep.key2
 
     # Checkpoints in <workdir>[/<method>]/checkpoints; a workdir holding one resumes from it.
     c.checkpoint = ml_collections.ConfigDict()
@@ -83,9 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.plasticity_metrics = False  # clx.metrics.plasticity_metrics on each task's evidence sample
     c.eval.plasticity_metrics_tau = 0.0  # ReDo's dormancy threshold for those diagnostics
     # Continual evaluation (De Lange et al. 2023): every N optimizer steps, inside the jitted epoch, each seen task's
-    # accuracy on a fixed test subsample -> min-ACC, WC-ACC, the stability gap (results.json); 0 = off.
-    c.eval.every_steps = 0
-    c.eval.samples = 1000  # the subsample per task
+    # accuracy on a fixed test subsample -> min-ACC, WC-ACC, the stability gap (results.json); unset (None) = off.
+    c.eval.every_steps = config_dict.placeholder(int)
+    c.eval.samples = 200  # the subsample per task (clx.train.EVAL_SAMPLES; 1,000 costs about 5x the time)
 
     # TensorBoard event files in <workdir>/<method>[/<member>]/tensorboard, written after each task (experiments/logs)
     c.log = ml_collections.ConfigDict()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -93,13 +93,14 @@ class Method:
       make_rule: ``(config, model, hp=None) -> rule``, the ContinualTransformation
         (the method chained with its optimizer) that trains ``model`` (what
         ``build_model`` returned). ``hp`` is None (every value from the config) or
-        the value of ``config.sweep.key`` for one member: a float, or a traced
-        scalar inside the vmapped program. Raises ValueError for a bad value,
+        one member's swept values ``{key: value}`` (``config.sweep.key`` and, for a
+        two-key grid, ``config.sweep.key2``; a float, or a traced scalar inside the
+        vmapped program): read them with :func:`swept`. Raises ValueError for a bad value,
         e.g. a GPM threshold outside (0, 1]; the script builds the rule with
         every grid value before it writes anything.
       config: ``() -> ConfigDict``, the method's ``config.<name>`` block with the
         paper's defaults (``configs/base.py`` adds it to every config), or None.
-      sweepable: the ``config.sweep.key`` values ``make_rule`` takes as ``hp``.
+      sweepable: the ``config.sweep.key`` / ``key2`` values ``make_rule`` takes in ``hp``.
       results: ``(rule_state, member) -> dict`` of JSON-able entries added to
         results.json; ``member`` is None (one run) or the member's index on the
         state's leading axis.
@@ -200,8 +201,16 @@ def check_sweep(method: Method, key: str) -> None:
 
 
 def swept(config, hp, key: str, default):
-    """``hp`` when ``config.sweep.key`` is ``key`` and ``hp`` is given, else ``default`` (for ``make_rule``)."""
-    return hp if hp is not None and config.sweep.key == key else default
+    """The swept value of ``key`` in ``make_rule``'s ``hp``, else ``default``.
+
+    ``hp`` is None (no sweep), ``{key: value}`` per swept key (``experiments.run``: ``sweep.key`` and
+    ``sweep.key2``; a value is a float or a traced scalar), or one bare value for ``config.sweep.key``.
+    """
+    if hp is None:
+        return default
+    if isinstance(hp, Mapping):
+        return hp.get(key, default)
+    return hp if config.sweep.key == key else default
 
 
 def optimizer(config, hp=None) -> optax.GradientTransformation:
