@@ -287,19 +287,18 @@ def test_conv_layers_are_found_with_their_transitions():
 def test_conv_utility_and_mean_are_the_hand_computation():
     m, p = _cnn()
     rng = np.random.default_rng(0)
-    act1 = rng.normal(size=(2, 3, 3, 3)).astype(np.float32)  # conv1's pooled maps, as conv2 reads them
-    act2 = rng.normal(size=(2, 2, 2, 4)).astype(np.float32)  # conv2's maps, flattened into fc
+    act1 = rng.normal(size=(N, 3, 3, 3)).astype(np.float32)  # conv1's pooled maps, as conv2 reads them
+    act2 = rng.normal(size=(N, 2, 2, 4)).astype(np.float32)  # conv2's maps, flattened into fc
     taps = {
-        C1: jnp.ones((2 * 36, 9)),
-        C2: clx.functional.conv_patches(jnp.asarray(act1), p["conv2"]["kernel"].shape),  # (2 * 4, 2 * 2 * 3)
-        FC: jnp.asarray(act2.reshape(2, -1)),
+        C1: jnp.ones((N * 36, 9)),
+        C2: clx.functional.conv_patches(jnp.asarray(act1), p["conv2"]["kernel"].shape),  # (N * 4, 2 * 2 * 3)
+        FC: jnp.asarray(act2.reshape(N, -1)),
     }
-    rule = cbp(optax.sgd(0.0), 0.0)  # no replacement; lr 0: w' = w
-    _, s = rule.update(jax.tree.map(jnp.zeros_like, p), rule.init(p), p, layer_inputs=taps, key=jax.random.key(0))
+    _, (s,) = _run(0.0, 1, p, taps, 1)  # no replacement; lr 0: w' = w
     # conv1 -> conv2: conv2's 2x2 windows see the 3x3 map's corners once, edges twice, the center 4 times
     weight = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
-    mean_abs = np.einsum("nhwc,hw->c", np.abs(act1), weight) / 2
-    mean = np.einsum("nhwc,hw->c", act1, weight) / 2
+    mean_abs = np.einsum("nhwc,hw->c", np.abs(act1), weight) / N
+    mean = np.einsum("nhwc,hw->c", act1, weight) / N
     out_mag = np.abs(np.asarray(p["conv2"]["kernel"])).mean(axis=(0, 1, 3))  # convGnT: weight.abs().mean((0, 2, 3))
     np.testing.assert_allclose(s.utility[C1], 0.01 * mean_abs * out_mag, rtol=1e-5)
     np.testing.assert_allclose(s.mean_act[C1], 0.01 * mean, rtol=1e-5, atol=1e-9)

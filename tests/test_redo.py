@@ -223,17 +223,17 @@ def test_channel_score_is_the_mean_over_batch_and_positions():
 @pytest.mark.parametrize("tau,gone1,gone2", [(0.1, [1], [0]), (0.4, [1], [0, 3]), (0.0, [], [0])])
 def test_conv_channels_recycled_by_their_score_on_the_taps(tau, gone1, gone2):
     _, p = clx.FunctionalModel.from_module(_TinyCNN(nnx.Rngs(0)))
-    act1 = np.ones((2, 3, 3, 3), np.float32)  # conv1's pooled maps as conv2's 2x2 windows read them
+    act1 = np.ones((N, 3, 3, 3), np.float32)  # conv1's pooled maps as conv2's 2x2 windows read them
     act1[..., 1] = 0.0
     act1[:, 1, 1, 1] = 0.2  # only at the center, which 4 of the 16 window taps read: 0.05 (the plain mean: 0.022)
-    act2 = np.ones((2, 2, 2, 4), np.float32)  # conv2's maps, flattened: channel 0 silent, 3 at 1 of 4 positions
+    act2 = np.ones((N, 2, 2, 4), np.float32)  # conv2's maps, flattened: channel 0 silent, 3 at 1 of 4 positions
     act2[..., 0] = 0.0
     act2[..., 3] = 0.0
     act2[:, 0, 1, 3] = 0.8  # mean 0.2 over the positions
     taps = {
-        C1: jnp.ones((2 * 36, 9)),
+        C1: jnp.ones((N * 36, 9)),
         C2: clx.functional.conv_patches(jnp.asarray(act1), (2, 2, 3, 4)),
-        FC: jnp.asarray(act2.reshape(2, -1)),
+        FC: jnp.asarray(act2.reshape(N, -1)),
     }
     # scores: conv1 (1, 0.05, 1) / 0.6833 = (1.46, 0.073, 1.46); conv2 (0, 1, 1, 0.2) / 0.55 = (0, 1.82, 1.82, 0.36)
     ((after, _),) = _run(tau, 1, p, taps, 1)
