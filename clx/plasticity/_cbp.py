@@ -62,7 +62,9 @@ Conv layers (``clx.plasticity._units`` describes the discovery): a unit is an ou
 Conv kernel (kh, kw, c_in, m). Its input weights are its filter ``kernel[:, :, :, c]`` (fan-in
 d = kh kw c_in), its outgoing weights ``next[:, :, c, :]`` of a next Conv, or the rows p m + c (every
 position p of the channels-last flatten) of a next Dense kernel. Its activations are the next layer's
-input tap (after any pooling): the im2col patches of a next Conv, the flattened maps of a next Dense.
+input tap (after any pooling): the im2col patches of a next Conv, the flattened maps of a next Dense
+(convGnT.py also reads the pooled maps: ``lop/nets/conv_net.py`` ``predict`` returns
+``pool(relu(conv(x)))`` as a conv layer's features).
 As convGnT.py, the running mean activation f is the mean over the batch and the positions
 (``features.mean(dim=(0, 2, 3))``), and the utility's term is, Conv -> Conv, the product of the
 channel's mean |h| and the mean |w'| of its outgoing filter slices (``output_wight_mag =
