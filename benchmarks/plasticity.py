@@ -1,7 +1,9 @@
 """Each plasticity rule's train step against the plain SGD step, measured in one run.
 
 The loss-of-plasticity MLP shape at clx's Permuted-MNIST size (784-100-100-10 with biases, ReLU)
-on random data, batch 16 by default, SGD 0.01 inside every rule:
+on random data, batch 16 by default, SGD 0.01 inside every rule; ``--model lenet``: the same on
+``clx.models.LeNet`` with biases (conv 5x5 20 - pool - conv 5x5 50 - pool - fc 500 - 10) on MNIST-shaped
+28x28x1 inputs, where CBP and ReDo act on the Conv channels of conv1 and conv2 and on fc's units:
 
 - ``sgd``: ``clx.chain(optax.sgd(0.01))``, the reference;
 - ``l2_init``: ``clx.chain(l2_init(1e-2), optax.sgd(0.01))`` (Kumar et al. 2023's lambda);
@@ -23,7 +25,7 @@ SGD's median, the ratio of the fastest rounds, and every round's time, e.g.
 
 (illustrative numbers, not a measurement).
 
-    python benchmarks/plasticity.py [--steps 1000] [--repeats 5] [--batch 16]
+    python benchmarks/plasticity.py [--steps 1000] [--repeats 5] [--batch 16] [--model mlp|lenet]
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from projection_overhead import square_matmul_gflops  # noqa: E402 -- benchmarks/ is sys.path[0]
 
 import clx  # noqa: E402
+from clx.models import LeNet  # noqa: E402
 from clx.plasticity import cbp, l2_init, redo, shrink_perturb_steps  # noqa: E402
 from clx.train import make_train_steps_fn  # noqa: E402
 
@@ -66,15 +69,20 @@ def main():
     ap.add_argument("--steps", type=int, default=1000, help="train steps per timed call")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--model", choices=("mlp", "lenet"), default="mlp")
     args = ap.parse_args()
-    model, params = clx.FunctionalModel.from_module(clx.MLP(784, (100, 100), 10, rngs=nnx.Rngs(0)))
+    if args.model == "mlp":
+        net, shape = clx.MLP(784, (100, 100), 10, rngs=nnx.Rngs(0)), "MLP 784-100-100-10"
+    else:
+        net, shape = LeNet((28, 28, 1), 10, use_bias=True, rngs=nnx.Rngs(0)), "LeNet 20-50-500-10 on 28x28x1"
+    model, params = clx.FunctionalModel.from_module(net)
     n = args.steps * args.batch
     x = jax.random.normal(jax.random.key(1), (n, 784))
     y = jax.random.randint(jax.random.key(2), (n,), 0, 10)
     ids = jnp.zeros(n, jnp.int32)
     key = jax.random.key_data(jax.random.key(0))
     print(
-        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), MLP 784-100-100-10, "
+        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), {shape}, "
         f"batch {args.batch}, {args.steps} steps per call, median of {args.repeats} interleaved rounds",
         flush=True,
     )

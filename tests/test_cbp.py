@@ -234,3 +234,166 @@ def test_bad_layers_and_calls_raise():
     assert rule.needs == {"taps", "key", "optimizer"}
     with pytest.raises(ValueError, match="no hidden Dense layer"):
         rule.init({"w": jnp.ones((3, 2))})
+
+
+# --- Conv layers: units are output channels -------------------------------------------------------------------------
+
+C1, C2, FC = "conv1/kernel", "conv2/kernel", "fc/kernel"
+
+
+class _TinyCNN(nnx.Module):
+    """8x8x1 -> conv 3x3 (3 channels) - ReLU - maxpool 2 -> 3x3x3 -> conv 2x2 (4) - ReLU -> 2x2x4 -> flatten 16 -> 3.
+
+    conv1 -> conv2 is a "conv" transition (G = 4 window offsets), conv2 -> fc a "conv_dense" one (G = 4 positions)."""
+
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(1, 3, (3, 3), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(3, 4, (2, 2), padding="VALID", rngs=rngs)
+        self.fc = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+        x = nnx.relu(self.conv2(x))
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def _cnn(seed=0):
+    return clx.FunctionalModel.from_module(_TinyCNN(nnx.Rngs(seed)))
+
+
+def _images(seed=1):
+    return jax.random.normal(jax.random.key(seed), (N, 8, 8, 1))
+
+
+def _rows(c, m=4, positions=4):
+    """The rows of channel c in a Dense kernel after a channels-last flatten: p m + c."""
+    return [p * m + c for p in range(positions)]
+
+
+def test_conv_layers_are_found_with_their_transitions():
+    from clx.models import LeNet
+    from clx.plasticity._units import hidden_layers
+
+    _, p = _cnn()
+    (h1, h2) = hidden_layers("cbp", p, None)
+    assert (h1.kernel, h1.out, h1.kind, h1.groups, h1.d, h1.m, h1.window) == (C1, C2, "conv", 4, 9, 3, 9)
+    assert (h2.kernel, h2.out, h2.kind, h2.groups, h2.d, h2.m, h2.window) == (C2, FC, "conv_dense", 4, 12, 4, 4)
+    lenet = nnx.eval_shape(lambda: LeNet((16, 16, 1), 10, channels=(2, 3), hidden=5, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(lenet, nnx.Param))
+    got = [(h.kernel, h.kind, h.groups) for h in hidden_layers("cbp", params, None)]  # 16 -> 12 -> 6 -> 2 -> 1
+    assert got == [(C1, "conv", 25), (C2, "conv_dense", 1), (FC, "dense", 1)]
+
+
+def test_conv_utility_and_mean_are_the_hand_computation():
+    m, p = _cnn()
+    rng = np.random.default_rng(0)
+    act1 = rng.normal(size=(N, 3, 3, 3)).astype(np.float32)  # conv1's pooled maps, as conv2 reads them
+    act2 = rng.normal(size=(N, 2, 2, 4)).astype(np.float32)  # conv2's maps, flattened into fc
+    taps = {
+        C1: jnp.ones((N * 36, 9)),
+        C2: clx.functional.conv_patches(jnp.asarray(act1), p["conv2"]["kernel"].shape),  # (N * 4, 2 * 2 * 3)
+        FC: jnp.asarray(act2.reshape(N, -1)),
+    }
+    _, (s,) = _run(0.0, 1, p, taps, 1)  # no replacement; lr 0: w' = w
+    # conv1 -> conv2: conv2's 2x2 windows see the 3x3 map's corners once, edges twice, the center 4 times
+    weight = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
+    mean_abs = np.einsum("nhwc,hw->c", np.abs(act1), weight) / N
+    mean = np.einsum("nhwc,hw->c", act1, weight) / N
+    out_mag = np.abs(np.asarray(p["conv2"]["kernel"])).mean(axis=(0, 1, 3))  # convGnT: weight.abs().mean((0, 2, 3))
+    np.testing.assert_allclose(s.utility[C1], 0.01 * mean_abs * out_mag, rtol=1e-5)
+    np.testing.assert_allclose(s.mean_act[C1], 0.01 * mean, rtol=1e-5, atol=1e-9)
+    # conv2 -> fc: the mean over positions of mean_n |h_(p,c)| x mean_k |w_(p m + c, k)|
+    w = np.abs(np.asarray(p["fc"]["kernel"]))
+    util = np.array(
+        [
+            np.mean([np.abs(act2[:, i, j, c]).mean() * w[(2 * i + j) * 4 + c].mean() for i, j in np.ndindex(2, 2)])
+            for c in range(4)
+        ]
+    )
+    np.testing.assert_allclose(s.utility[C2], 0.01 * util, rtol=1e-5)
+    np.testing.assert_allclose(s.mean_act[C2], 0.01 * act2.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-9)
+
+
+def _cnn_with_weak_channels():
+    """conv1: channel 1 dead, channel 2 constant 0.5 with small outgoing weights; conv2: channel 0 dead,
+    channel 3 constant 0.3 with small outgoing weights; the other channels active (bias 1, conv2's filters >= 0)."""
+    m, p = _cnn(seed=3)
+    c1, c2, fc = p["conv1"], p["conv2"], p["fc"]
+    c1["kernel"] = c1["kernel"].at[..., 1].set(0.0).at[..., 2].set(0.0)
+    c1["bias"] = jnp.array([1.0, -1.0, 0.5])
+    c2["kernel"] = jnp.abs(c2["kernel"]).at[:, :, 2, :].multiply(0.05).at[..., 0].set(0.0).at[..., 3].set(0.0)
+    c2["bias"] = jnp.array([-1.0, 1.0, 1.0, 0.3])
+    fc["kernel"] = fc["kernel"].at[jnp.array(_rows(3))].set(0.01 * jnp.sign(fc["kernel"][jnp.array(_rows(3))]))
+    return m, p
+
+
+def test_conv_channels_are_replaced_with_the_function_kept():
+    m, p = _cnn_with_weak_channels()
+    x = _images()
+    before, taps = m.apply_with_taps(p, x)
+    # maturity 1, rate 0.7: nothing at step 1; at step 2 floor(0.7 x 3) = 2 and floor(0.7 x 4) = 2 channels
+    after, states = _run(0.7, 1, p, taps, 2)
+    assert _replaced(states, C1) == [set(), {1, 2}] and _replaced(states, C2) == [set(), {0, 3}]
+    np.testing.assert_allclose(m.apply(after, x), before, atol=1e-5)  # zero outgoing weights + absorption
+    k1, k2, kf = (np.asarray(after[n]["kernel"]) for n in ("conv1", "conv2", "fc"))
+    for kernel, gone, fan_in in ((k1, [1, 2], 9), (k2, [0, 3], 12)):  # fresh filters: U(-b, b), b = sqrt(1 / fan_in)
+        fresh, bound = kernel[..., gone], np.sqrt(1 / fan_in)  # the code's get_layer_bound for a Conv2d
+        assert np.all(fresh != 0) and np.all(np.abs(fresh) <= bound) and np.max(np.abs(fresh)) > 0.6 * bound
+    np.testing.assert_array_equal(k1[..., 0], p["conv1"]["kernel"][..., 0])  # the kept channel, bit for bit
+    np.testing.assert_array_equal(np.asarray(after["conv1"]["bias"]), [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(k2[:, :, [1, 2]][..., [1, 2]], 0.0)  # outgoing slices (where conv2 kept its filters)
+    np.testing.assert_array_equal(k2[:, :, 0][..., [1, 2]], p["conv2"]["kernel"][:, :, 0][..., [1, 2]])
+    np.testing.assert_array_equal(kf[_rows(0) + _rows(3)], 0.0)  # every position's row of conv2's channels 0, 3
+    np.testing.assert_array_equal(
+        np.delete(kf, _rows(0) + _rows(3), axis=0), np.delete(p["fc"]["kernel"], _rows(0) + _rows(3), axis=0)
+    )
+    # the absorption: conv1's channel 2 (0.5 everywhere) into conv2's bias, summed over the 2x2 window;
+    # conv2's channel 3 (0.3 at every position) into fc's bias, summed over its 4 rows
+    b2 = np.asarray(after["conv2"]["bias"])
+    np.testing.assert_allclose(
+        b2[[1, 2]] - 1.0, 0.5 * np.asarray(p["conv2"]["kernel"])[:, :, 2, [1, 2]].sum((0, 1)), rtol=1e-5
+    )
+    assert b2[0] == 0 and b2[3] == 0  # conv2's replaced channels: input bias 0
+    absorbed = np.asarray(after["fc"]["bias"] - p["fc"]["bias"])
+    np.testing.assert_allclose(absorbed, 0.3 * np.asarray(p["fc"]["kernel"])[_rows(3)].sum(0), rtol=1e-4, atol=1e-7)
+
+
+def test_conv_adam_moments_are_zeroed_at_exactly_the_replaced_channels():
+    m, p = _cnn()
+    _, taps = m.apply_with_taps(p, _images())
+    _, states = _run(0.7, 1, p, taps, 2, lr=1e-2, grads=_grads)
+    g1, g2 = sorted(_replaced(states, C1)[-1]), sorted(_replaced(states, C2)[-1])
+    assert len(g1) == 2 and len(g2) == 2
+    expect = jax.tree.map(lambda a: np.zeros(a.shape, bool), p)
+    expect["conv1"]["kernel"][..., g1] = True
+    expect["conv1"]["bias"][g1] = True
+    expect["conv2"]["kernel"][:, :, g1, :] = True
+    expect["conv2"]["kernel"][..., g2] = True
+    expect["conv2"]["bias"][g2] = True
+    expect["fc"]["kernel"][sum((_rows(c) for c in g2), [])] = True
+    adam = states[-1].inner[0]
+    for moment in (adam.mu, adam.nu):
+        jax.tree.map(lambda a, e: np.testing.assert_array_equal(np.asarray(a) == 0, e), moment, expect)
+
+
+def test_conv_bad_layers_raise():
+    from clx.models import AlexNet
+
+    conv = {
+        "conv": {"kernel": jnp.ones((3, 3, 1, 4))},
+        "fc": {"kernel": jnp.ones((10, 3))},
+    }  # 10 rows: no 4-channel flatten
+    with pytest.raises(
+        ValueError, match=r"'conv/kernel' is a Conv layer with 4 units whose next kernel 'fc/kernel' \(10, 3\)"
+    ):
+        cbp(optax.sgd(0.1), layers=["conv/kernel"]).init(conv)
+    with pytest.raises(ValueError, match="no hidden Dense layer or Conv layer"):
+        cbp(optax.sgd(0.1)).init(conv)
+    head = {"conv": {"kernel": jnp.ones((3, 3, 1, 4))}, "head": {"kernel": jnp.ones((2, 4, 3))}}  # multi-head: 3-D
+    with pytest.raises(ValueError, match="'conv/kernel' is the last Dense/Conv kernel"):
+        cbp(optax.sgd(0.1), layers=["conv"]).init(head)
+    net = nnx.eval_shape(lambda: AlexNet((19, 19, 3), 3, 1, channels=(2, 3, 4), hidden=(5, 6), rngs=nnx.Rngs(0)))
+    p = jax.tree.map(lambda a: jnp.zeros(a.shape), nnx.to_pure_dict(nnx.state(net, nnx.Param)))
+    with pytest.raises(ValueError, match=r"Conv layer 'conv1/kernel' has 2 channels .*\['bn1/scale'\].*layers="):
+        cbp(optax.sgd(0.1)).init(p)
+    assert set(cbp(optax.sgd(0.1), layers=["fc1"]).init(p).age) == {"fc1/kernel"}  # its Dense layers alone

@@ -179,3 +179,104 @@ def test_bad_layers_and_calls_raise():
     with pytest.raises(ValueError, match="update needs key="):
         rule.update(p, s, p, layer_inputs=_hand_taps())
     assert rule.needs == {"taps", "key", "optimizer"}
+
+
+# --- Conv layers: units are output channels -------------------------------------------------------------------------
+
+C1, C2, FC = "conv1/kernel", "conv2/kernel", "fc/kernel"
+
+
+class _TinyCNN(nnx.Module):
+    """8x8x1 -> conv 3x3 (3) - ReLU - maxpool 2 -> 3x3x3 -> conv 2x2 (4) - ReLU -> 2x2x4 -> flatten 16 -> 3."""
+
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(1, 3, (3, 3), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(3, 4, (2, 2), padding="VALID", rngs=rngs)
+        self.fc = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+        x = nnx.relu(self.conv2(x))
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def kept_out(gone):
+    return [c for c in range(4) if c not in gone]
+
+
+def _rows(c, m=4, positions=4):
+    """The rows of channel c in a Dense kernel after a channels-last flatten: p m + c."""
+    return [p * m + c for p in range(positions)]
+
+
+def test_channel_score_is_the_mean_over_batch_and_positions():
+    h = np.zeros((2, 2, 2, 3), np.float32)
+    h[0, :, :, 0] = [[1, -3], [0, 4]]  # channel 0: |h| sums to 8 over 8 entries: 1
+    h[1, 0, 0, 1] = 0.4  # channel 1: 0.05
+    h[:, :, :, 2] = -2.0  # channel 2: 2
+    np.testing.assert_allclose(dormant_scores(h), np.array([1.0, 0.05, 2.0]) / (3.05 / 3), rtol=1e-6)
+    np.testing.assert_allclose(dormant_scores(h), dormant_scores(h.reshape(-1, 3)), rtol=1e-6)  # positions = rows
+    with pytest.raises(ValueError, match=r"at least 2 axes, got shape \(3,\)"):
+        dormant_scores(jnp.ones(3))
+
+
+@pytest.mark.parametrize("tau,gone1,gone2", [(0.1, [1], [0]), (0.4, [1], [0, 3]), (0.0, [], [0])])
+def test_conv_channels_recycled_by_their_score_on_the_taps(tau, gone1, gone2):
+    _, p = clx.FunctionalModel.from_module(_TinyCNN(nnx.Rngs(0)))
+    act1 = np.ones((N, 3, 3, 3), np.float32)  # conv1's pooled maps as conv2's 2x2 windows read them
+    act1[..., 1] = 0.0
+    act1[:, 1, 1, 1] = 0.2  # only at the center, which 4 of the 16 window taps read: 0.05 (the plain mean: 0.022)
+    act2 = np.ones((N, 2, 2, 4), np.float32)  # conv2's maps, flattened: channel 0 silent, 3 at 1 of 4 positions
+    act2[..., 0] = 0.0
+    act2[..., 3] = 0.0
+    act2[:, 0, 1, 3] = 0.8  # mean 0.2 over the positions
+    taps = {
+        C1: jnp.ones((N * 36, 9)),
+        C2: clx.functional.conv_patches(jnp.asarray(act1), (2, 2, 3, 4)),
+        FC: jnp.asarray(act2.reshape(N, -1)),
+    }
+    # scores: conv1 (1, 0.05, 1) / 0.6833 = (1.46, 0.073, 1.46); conv2 (0, 1, 1, 0.2) / 0.55 = (0, 1.82, 1.82, 0.36)
+    ((after, _),) = _run(tau, 1, p, taps, 1)
+    kept_in = [c for c in range(3) if c not in gone1]  # conv2's filters, less the slices of conv1's recycled channels
+    for name, gone, m, ins in (("conv1", gone1, 3, [0]), ("conv2", gone2, 4, kept_in)):
+        new, old = np.asarray(after[name]["kernel"])[:, :, ins], np.asarray(p[name]["kernel"])[:, :, ins]
+        assert [c for c in range(m) if not np.array_equal(new[..., c], old[..., c])] == gone
+    np.testing.assert_array_equal(np.asarray(after["conv2"]["kernel"])[:, :, gone1][..., kept_out(gone2)], 0.0)
+    zero_rows = [r for r in range(16) if np.all(np.asarray(after["fc"]["kernel"])[r] == 0)]
+    assert zero_rows == sorted(sum((_rows(c) for c in gone2), []))
+
+
+def test_conv_recycling_keeps_the_function_and_zeroes_the_moments_of_exactly_those_channels():
+    m, p = clx.FunctionalModel.from_module(_TinyCNN(nnx.Rngs(3)))
+    p["conv1"]["kernel"] = p["conv1"]["kernel"].at[..., 1].set(0.0)  # conv1's channel 1 and conv2's channel 0 silent
+    p["conv1"]["bias"] = jnp.array([1.0, -1.0, 1.0])
+    p["conv2"]["kernel"] = jnp.abs(p["conv2"]["kernel"]).at[..., 0].set(0.0)  # the others active (inputs >= 0)
+    p["conv2"]["bias"] = jnp.array([-1.0, 1.0, 1.0, 1.0])
+    x = jax.random.normal(jax.random.key(1), (N, 8, 8, 1))
+    before, taps = m.apply_with_taps(p, x)
+    ((after, _),) = _run(0.1, 1, p, taps, 1)  # lr 0: only the recycling moves the params
+    np.testing.assert_allclose(m.apply(after, x), before, atol=1e-6)
+    k1, k2 = np.asarray(after["conv1"]["kernel"]), np.asarray(after["conv2"]["kernel"])
+    for fresh, fan_in, fan_out in ((k1[..., 1], 9, 27), (k2[..., 0], 12, 16)):  # xavier over the kernel's shape
+        bound = np.sqrt(6 / (fan_in + fan_out))
+        assert np.all(fresh != 0) and np.all(np.abs(fresh) <= bound) and np.max(np.abs(fresh)) > 0.6 * bound
+    np.testing.assert_array_equal(k2[:, :, 1, 1:], 0.0)  # outgoing slices of conv1's channel 1 (channel 0: fresh)
+    np.testing.assert_array_equal(np.asarray(after["fc"]["kernel"])[_rows(0)], 0.0)
+    np.testing.assert_array_equal(np.asarray(after["conv2"]["bias"]), [0.0, 1.0, 1.0, 1.0])
+    runs = _run(0.1, 2, p, taps, 2, lr=1e-2, grads=_grads)  # step 2 recycles the same channels, after Adam's steps
+    expect = jax.tree.map(lambda a: np.zeros(a.shape, bool), p)
+    expect["conv1"]["kernel"][..., 1] = expect["conv1"]["bias"][1] = True
+    expect["conv2"]["kernel"][:, :, 1, :] = expect["conv2"]["kernel"][..., 0] = expect["conv2"]["bias"][0] = True
+    expect["fc"]["kernel"][_rows(0)] = True
+    adam = runs[-1][1].inner[0]
+    for moment in (adam.mu, adam.nu):
+        jax.tree.map(lambda a, e: np.testing.assert_array_equal(np.asarray(a) == 0, e), moment, expect)
+
+
+def test_conv_with_batch_norm_raises():
+    from clx.models import AlexNet
+
+    net = nnx.eval_shape(lambda: AlexNet((19, 19, 3), 3, 1, channels=(2, 3, 4), hidden=(5, 6), rngs=nnx.Rngs(0)))
+    p = jax.tree.map(lambda a: jnp.zeros(a.shape), nnx.to_pure_dict(nnx.state(net, nnx.Param)))
+    with pytest.raises(ValueError, match=r"redo: Conv layer 'conv1/kernel' has 2 channels .*\['bn1/scale'\]"):
+        redo(optax.sgd(0.1)).init(p)

@@ -4,10 +4,13 @@ Dohare, Hernandez-Garcia, Lan, Rahman, Mahmood & Sutton 2024, "Loss of plasticit
 continual learning", Nature 632, Methods ("Continual backpropagation", Eq. 1 and the
 algorithm given there); the authors' code github shibhansh/loss-of-plasticity,
 ``lop/algos/gnt.py`` (``GnT``, used through ``lop/algos/cbp.py`` on Permuted MNIST) and
-``lop/algos/cbp_linear.py``. Checked against both (gnt.py read whole).
+``lop/algos/cbp_linear.py``. Checked against both (gnt.py read whole); for Conv layers against
+``lop/algos/convGnT.py`` (``ConvGnT``, read whole), ``lop/algos/cbp_conv.py`` (``CBPConv``) and
+``lop/utils/miscellaneous.py`` ``get_layer_bound`` (repository commit 63c35f3).
 
 For each hidden layer l (units = columns of kernel l, activations h (N, m) = the input tap of
-kernel l + 1, outgoing weights w = rows of kernel l + 1), after the optimizer's step u:
+kernel l + 1, outgoing weights w = rows of kernel l + 1; for a Conv layer see "Conv layers" below),
+after the optimizer's step u:
 
 1. ``age += 1``; with the post-step outgoing weights ``w' = w + u_w`` (gnt.py reads the weights
    after ``opt.step()``), the contribution utility and the running mean activation
@@ -25,7 +28,8 @@ kernel l + 1, outgoing weights w = rows of kernel l + 1), after the optimizer's 
    ``n = floor(pending)``, ``pending -= n`` (gnt.py with ``accumulate=True``, as the Permuted MNIST
    experiment runs it: fractional replacements carry over to later steps).
 3. The n eligible units of lowest bias-corrected utility are replaced: input weights drawn fresh
-   from U(-b, b) (``init``, default the code's Kaiming bound sqrt(2) sqrt(3 / d)), input bias 0,
+   from U(-b, b) (``init``, default the code's bound: Kaiming sqrt(2) sqrt(3 / d) for a Dense layer,
+   sqrt(1 / d) for a Conv layer), input bias 0,
    outgoing weights 0, and the next layer's bias absorbs the unit's mean contribution
    ``w'_i f_i / (1 - decay^age_i)``, so the network's output changes only by the unit's deviation
    from its mean (not at all for a unit of constant activation, e.g. a dead one). Their utility,
@@ -50,9 +54,41 @@ Where clx differs from gnt.py, deliberately:
 - the means over the batch run over every row of the tap (the trainer pads an epoch's last batch
   with repeated examples of weight 0, which count here).
 
-Layers: the hidden layers of an MLP's consecutive Dense layers (every one by default, or those
-named by ``layers``: kernel paths, e.g. ``('layers/0/kernel',)``); Conv layers and the last hidden
-layer of a multi-head model (its activation is not tapped) are not supported yet.
+Layers: the hidden layers of consecutive Dense and Conv layers (every one by default, or those
+named by ``layers``: kernel paths, e.g. ``('layers/0/kernel',)``, ``('conv1/kernel',)``); the last
+hidden layer of a multi-head model (its activation is not tapped) is not supported.
+
+Conv layers (``clx.plasticity._units`` describes the discovery): a unit is an output channel c of a
+Conv kernel (kh, kw, c_in, m). Its input weights are its filter ``kernel[:, :, :, c]`` (fan-in
+d = kh kw c_in), its outgoing weights ``next[:, :, c, :]`` of a next Conv, or the rows p m + c (every
+position p of the channels-last flatten) of a next Dense kernel. Its activations are the next layer's
+input tap (after any pooling): the im2col patches of a next Conv, the flattened maps of a next Dense
+(convGnT.py also reads the pooled maps: ``lop/nets/conv_net.py`` ``predict`` returns
+``pool(relu(conv(x)))`` as a conv layer's features).
+As convGnT.py, the running mean activation f is the mean over the batch and the positions
+(``features.mean(dim=(0, 2, 3))``), and the utility's term is, Conv -> Conv, the product of the
+channel's mean |h| and the mean |w'| of its outgoing filter slices (``output_wight_mag =
+weight.abs().mean(dim=(0, 2, 3))``), Conv -> Dense, the mean over the positions of the per-row product
+``mean_n |h_(p,c)| mean_k |w'_(p,c),k|`` (its ``.view(-1, num_last_filter_outputs).mean(dim=1)``; clx reads
+the number of positions from the shapes, the code takes it as ``num_last_filter_outputs``);
+"adaptable_contribution" divides by the mean |filter| (``weight.abs().mean(dim=(1, 2, 3))``). Where clx
+differs for Conv layers:
+
+- the positions: for a next Conv layer clx averages over the patches that layer sees, so with 'VALID'
+  padding a border position counts less than an interior one and 'SAME' padding's zeros count (convGnT
+  averages the (N, C, H, W) map evenly); a 1x1 next Conv, or a Dense one, sees each position once;
+- the fresh filter's bound: with the default ``init=None`` a Conv filter is drawn from U(-b, b) with
+  b = sqrt(1 / (kh kw c_in)), the code's ``get_layer_bound`` for a ``Conv2d`` (which ignores ``init``);
+  an explicit ``init`` applies its bound with fan-in kh kw c_in and fan-out kh kw c_out to Conv layers too;
+- the bias absorption: convGnT.py and CBPConv absorb nothing; clx adds ``f_c sum_g w'_(g,c)`` (the
+  channel's mean activation times its outgoing weights summed over the window offsets or positions),
+  exact when the channel's activation is the same at every position the next layer reads (a dead
+  channel, or a constant one under 'VALID' padding);
+- the moments: convGnT.py resets AdamGnT's ``exp_avg_sq`` but not the ``exp_avg`` of the input filters
+  (and both for the input bias and outgoing weights); clx zeroes every moment there, as for Dense layers;
+- normalization: CBPConv resets a following batch norm's weight (1), bias (0) and running statistics;
+  clx raises for a Conv layer with a normalization of its size in the params (``clx.models.AlexNet``;
+  name its Dense layers in ``layers=`` to act on them alone).
 
 Static shapes: a layer of width m has ``K = min(m, ceil(replacement_rate m))`` replacement slots per
 step (``K = m`` when the rate is a traced sweep value; no slots and no replacement when it is a concrete
@@ -76,11 +112,15 @@ from clx.plasticity._units import (
     Selection,
     check_count,
     check_init,
+    contribution,
     fresh_inputs,
     hidden_layers,
+    layer_init,
     need_taps,
     normalize_layers,
     reset_units,
+    summed_out,
+    unit_mean,
 )
 from clx.tree import concrete_float, path_str
 
@@ -109,7 +149,7 @@ def cbp(
     *,
     seed: int = 0,
     layers=None,
-    init: str = "kaiming",
+    init: str | None = None,
     utility: str = "contribution",
 ) -> ContinualTransformation:
     """Continual backprop (Dohare et al. 2024) around an optimizer: its step, then unit replacement.
@@ -131,7 +171,8 @@ def cbp(
       maturity: m >= 1; a unit is eligible when its age exceeds it (100 in the paper).
       seed: folded into the step key for the fresh weights.
       layers: None (every hidden layer) or kernel paths of the hidden layers to act on.
-      init: the fresh input weights' bound: "kaiming" (the code's), "torch", "lecun" or "xavier".
+      init: the fresh input weights' bound: None (the code's: "kaiming" for a Dense layer, "torch"'s
+        sqrt(1 / (kh kw c_in)) for a Conv layer), or "kaiming", "torch", "lecun" or "xavier" for every layer.
       utility: "contribution" (the paper's Eq. 1) or "adaptable_contribution" (gnt.py's other choice).
 
     Returns:
@@ -141,7 +182,8 @@ def cbp(
     Raises:
       ValueError: a concrete ``replacement_rate`` outside [0, 1], ``decay`` outside [0, 1),
         ``maturity`` below 1, an unknown ``init`` or ``utility`` (here); a ``layers`` entry that is not
-        a hidden Dense layer of the params (``init``); ``update`` without params, key or the taps.
+        a hidden Dense or Conv layer of the params, a Conv layer with a normalization of its size
+        (``init``); ``update`` without params, key or the taps.
       TypeError: ``optimizer`` is a clx rule or not an optax transformation; ``layers`` not a sequence of str.
     """
     who = "cbp"
@@ -149,7 +191,7 @@ def cbp(
     check_unit_interval(who, "replacement_rate", replacement_rate)
     check_decay(who, decay)
     check_count(who, "maturity", maturity)
-    check_init(who, init)
+    check_init(who, init, default="kaiming")
     if utility not in _UTILITIES:
         raise ValueError(f"{who}: utility must be one of {_UTILITIES}, got {utility!r}.")
     names = normalize_layers(who, layers)
@@ -188,17 +230,17 @@ def cbp(
         util, mean_act, age, pending = dict(state.utility), dict(state.mean_act), dict(state.age), dict(state.pending)
         todo = []  # (index in hidden, layer, slots, count n, u, f, a, corr, w_out) of layers that may replace
         for i, h in enumerate(hidden):
-            x = layer_inputs[h.out].astype(jnp.float32)  # (N, m): the layer's activations h
-            w_out = (flat_p[h.out] + flat_u[h.out]).astype(jnp.float32)  # (m, k), after the optimizer's step
+            x = layer_inputs[h.out].astype(jnp.float32)  # (R, G m): the layer's activations h
+            w_out = (flat_p[h.out] + flat_u[h.out]).astype(jnp.float32)  # next kernel, after the optimizer's step
             a = state.age[h.kernel] + 1
             corr = 1.0 - jnp.power(jnp.asarray(decay, jnp.float32), a.astype(jnp.float32))  # (m,) > 0
-            f = decay * state.mean_act[h.kernel] + (1.0 - decay) * jnp.mean(x, axis=0)
-            out_mag = jnp.mean(jnp.abs(w_out), axis=1)
+            f = decay * state.mean_act[h.kernel] + (1.0 - decay) * unit_mean(h, x)
             if utility == "contribution":
-                inst = jnp.mean(jnp.abs(x), axis=0) * out_mag
+                inst = contribution(h, jnp.abs(x), w_out)
             else:
-                w_in = (flat_p[h.kernel] + flat_u[h.kernel]).astype(jnp.float32)
-                inst = out_mag * jnp.mean(jnp.abs(x - f / corr), axis=0) / jnp.mean(jnp.abs(w_in), axis=0)
+                w_in = (flat_p[h.kernel] + flat_u[h.kernel]).astype(jnp.float32).reshape(h.d, h.m)
+                dev = jnp.abs(x - jnp.tile(f / corr, h.groups))  # |h - f| of each unit, at its G columns
+                inst = contribution(h, dev, w_out) / jnp.mean(jnp.abs(w_in), axis=0)
             u = decay * state.utility[h.kernel] + (1.0 - decay) * inst
             util[h.kernel], mean_act[h.kernel], age[h.kernel] = u, f, a
             k = slots(h.m)
@@ -219,13 +261,14 @@ def cbp(
                 valid = jnp.arange(k) < n
                 sel = Selection(index, valid)
                 u, f, a = util[h.kernel], mean_act[h.kernel], age[h.kernel]
-                unit_mean = jnp.take(f / corr, index)  # (k,) bias-corrected mean activation, read before its reset
-                contrib = jnp.take(w_out, index, axis=0) * unit_mean[:, None]  # (k, k_next)
+                mean_i = jnp.take(f / corr, index)  # (k,) bias-corrected mean activation, read before its reset
+                contrib = jnp.take(summed_out(h, w_out), index, axis=0) * mean_i[:, None]  # (k, k_next)
                 absorb.append(jnp.sum(jnp.where(valid[:, None], contrib, 0.0), axis=0))
                 util[h.kernel] = u.at[index].set(jnp.where(valid, 0.0, u[index]), unique_indices=True)
                 mean_act[h.kernel] = f.at[index].set(jnp.where(valid, 0.0, f[index]), unique_indices=True)
                 age[h.kernel] = a.at[index].set(jnp.where(valid, 0, a[index]), unique_indices=True)
-                fresh.append(fresh_inputs(jax.random.fold_in(base, i), h, sel, init, flat_p[h.kernel].dtype))
+                bound = layer_init(init, h, "kaiming", "torch")
+                fresh.append(fresh_inputs(jax.random.fold_in(base, i), h, sel, bound, flat_p[h.kernel].dtype))
                 layers.append(h)
                 sels.append(sel)
             steps, inner = reset_units(steps, params, inner, layers, sels, fresh, absorb)

@@ -35,7 +35,21 @@ Where clx differs from the official code: the scores come from the step's own ba
 the step), not from a separate sample of 256 states after it; unit j of the l-th hidden layer draws its
 fresh column from ``fold_in(fold_in(fold_in(step key, seed), l), j)``.
 Under ``jax.vmap`` over seeds the recycling branch (a ``lax.cond``) runs at every step as a select.
-Layers: as :func:`clx.plasticity.cbp` (the hidden layers of consecutive Dense layers; no Conv yet).
+
+Layers: as :func:`clx.plasticity.cbp`, the hidden layers of consecutive Dense and Conv layers. A Conv
+layer's units are its output channels (feature maps), as in the official code ("In convolutional neural
+networks, we consider a feature map as neuron", ``ConvNeuronRecycler`` / ``LayerReset``): a channel's
+score is its mean |h| over the batch and the spatial positions, normalised by the layer's mean
+(``estimate_neuron_score`` reduces every axis but the last of the (N, H, W, C) activation), recycling
+draws its whole filter ``kernel[..., c]`` fresh (``xavier_uniform`` of the kernel's shape: fan-in
+kh kw c_in, fan-out kh kw c_out) and zeroes its input bias, its outgoing weights and their Adam moments.
+Where clx differs for Conv layers: the activations are the next layer's input tap, i.e. after any
+pooling (the official code records the layer's own activation, before pooling), and for a next Conv
+layer the positions are weighted as its windows see them (``clx.plasticity._units``); a channel's
+outgoing weights before a Dense layer are the rows p C + c of the channels-last flatten, whereas the
+official ``create_mask_helper`` masks the rows with ``jnp.repeat(mask, H W)``, i.e. c H W + p, while its
+networks flatten channels last (``x.reshape((-1))`` of the (H, W, C) map; as we read it, that zeroes
+rows of other channels); a normalization layer after a Conv layer raises (see :func:`clx.plasticity.cbp`).
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ from clx.plasticity._units import (
     need_taps,
     normalize_layers,
     reset_units,
+    tap_units,
 )
 from clx.tree import path_str
 
@@ -67,9 +82,19 @@ def dormant_scores(features) -> jax.Array:
     """ReDo's per-unit score (Sokar et al. 2023, Def. 3.1) of a layer's ``(N, H)`` features, as ``(H,)`` float32.
 
     ``s_i = E_x|h_i(x)| / ((1/H) sum_k E_x|h_k(x)| + 1e-9)``; a unit is tau-dormant when ``s_i <= tau``.
-    ``clx.metrics.dormant_fraction`` is the mean of ``s <= tau``.
+    ``clx.metrics.dormant_fraction`` is the mean of ``s <= tau``. Features with more axes, e.g. a Conv
+    layer's ``(N, H, W, C)`` maps, are averaged over every axis but the last (a channel's score is its mean
+    |h| over the batch and the positions, as the official ``estimate_neuron_score``).
+
+    Raises:
+      ValueError: ``features`` with fewer than 2 axes.
     """
-    mean_abs = jnp.mean(jnp.abs(jnp.asarray(features, jnp.float32)), axis=0)
+    features = jnp.asarray(features, jnp.float32)
+    if features.ndim < 2:
+        raise ValueError(
+            f"dormant_scores: features must be (examples, ..., units) with at least 2 axes, got shape {features.shape}."
+        )
+    mean_abs = jnp.mean(jnp.abs(features), axis=tuple(range(features.ndim - 1)))
     return mean_abs / (jnp.mean(mean_abs) + _EPS)
 
 
@@ -100,7 +125,8 @@ def redo(
       period: F >= 1, recycle after steps F, 2F, ... (counted over the whole run).
       seed: folded into the step key for the fresh weights.
       layers: None (every hidden layer) or kernel paths of the hidden layers to act on.
-      init: the fresh input weights' bound: "xavier" (the official code's), "kaiming", "torch" or "lecun".
+      init: the fresh input weights' bound: "xavier" (the official code's, for Dense and Conv layers),
+        "kaiming", "torch" or "lecun" (a Conv filter's fan-in is kh kw c_in, its fan-out kh kw c_out).
 
     Returns:
       A ContinualTransformation named "redo" with state :class:`ReDoState`, needing ``"taps"``,
@@ -108,8 +134,8 @@ def redo(
 
     Raises:
       ValueError: a concrete negative or non-finite ``tau``, ``period`` below 1, an unknown ``init``
-        (here); a ``layers`` entry that is not a hidden Dense layer (``init``); ``update`` without
-        params, key or the taps.
+        (here); a ``layers`` entry that is not a hidden Dense or Conv layer, a Conv layer with a
+        normalization of its size (``init``); ``update`` without params, key or the taps.
       TypeError: ``optimizer`` is a clx rule or not an optax transformation; ``layers`` not a sequence of str.
     """
     who = "redo"
@@ -137,7 +163,7 @@ def redo(
 
         def recycle(steps, inner):
             base = jax.random.fold_in(key, seed)
-            sels = [Selection(None, dormant_scores(taps[h.out]) <= tau) for h in hidden]
+            sels = [Selection(None, dormant_scores(tap_units(h, taps[h.out])) <= tau) for h in hidden]
             fresh = [
                 fresh_inputs(jax.random.fold_in(base, i), h, s, init, flat_p[h.kernel].dtype)
                 for i, (h, s) in enumerate(zip(hidden, sels))
