@@ -232,7 +232,7 @@ class AlexNet(nnx.Module):
         for k in (4, 3, 2):
             s = [(a - k + 1) // 2 for a in s]
         if min(s) < 1:
-            raise ValueError(f"AlexNet needs inputs of at least 18x18 pixels, got input_shape={tuple(input_shape)}.")
+            raise ValueError(f"AlexNet needs inputs of at least 19x19 pixels, got input_shape={tuple(input_shape)}.")
         kinit = _INITS[init]
         self.input_shape = (h, w, c)
         self.conv1 = nnx.Conv(c, ch[0], (4, 4), padding="VALID", use_bias=False, kernel_init=kinit, rngs=rngs)
