@@ -115,6 +115,20 @@ def _shrunk(s: jax.Array, ell: int) -> jax.Array:
     return jnp.sqrt(jnp.maximum(head**2 - cut**2, 0.0))
 
 
+def _signed(u: jax.Array) -> jax.Array:
+    """``u`` with each column's sign fixed so that its largest-magnitude entry is positive: an SVD's signs are
+    arbitrary and differ between batched (vmapped) and single calls; the subspaces are the same."""
+    idx = jnp.argmax(jnp.abs(u), axis=0)
+    sign = jnp.sign(jnp.take_along_axis(u, idx[None, :], axis=0))
+    return u * jnp.where(sign == 0, 1.0, sign).astype(u.dtype)
+
+
+def _svd_u(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The thin SVD's left singular vectors (sign-fixed by :func:`_signed`) and singular values of ``m``."""
+    u, s, _ = jnp.linalg.svd(m, full_matrices=False)
+    return _signed(u), s
+
+
 def _pad_columns(u: jax.Array, n: int) -> jax.Array:
     return jnp.pad(u[:, :n], ((0, 0), (0, max(n - u.shape[1], 0))))
 
@@ -128,11 +142,15 @@ def frequent_directions(sketch: jax.Array, g: jax.Array, decay=1.0) -> jax.Array
     (l >= the rank of everything fed) ``Z Z^T`` is exactly ``sum g g^T``; in general
     ``0 <= sum g g^T - Z Z^T`` (positive semi-definite).
     """
+    return _fd_step(sketch, _svd_u(g), decay)
+
+
+def _fd_step(sketch: jax.Array, svd_g: tuple[jax.Array, jax.Array], decay) -> jax.Array:
     ell = sketch.shape[1]
-    u, s, _ = jnp.linalg.svd(g, full_matrices=False)
+    u, s = svd_g
     new = _pad_columns(u, ell) * _shrunk(s, ell)
     merged = jnp.concatenate([jnp.asarray(decay, sketch.dtype) * sketch, new], axis=1)
-    um, sm, _ = jnp.linalg.svd(merged, full_matrices=False)
+    um, sm = _svd_u(merged)
     return _pad_columns(um, ell) * _shrunk(sm, ell)
 
 
@@ -332,8 +350,8 @@ def coso(
             g2 = sub.project_out(g2, state.history[key])
 
             def recompute(z):
-                u, _, _ = jnp.linalg.svd(g2, full_matrices=False)
-                return u[:, :r], frequent_directions(z, g2, decay)
+                u, sv = _svd_u(g2)  # one SVD for the subspace and the sketch
+                return u[:, :r], _fd_step(z, (u, sv), decay)
 
             basis, sketch = jax.lax.cond(refresh, recompute, lambda z: (state.bases[key], z), state.sketches[key])
             bases[key], sketches[key] = basis, sketch
@@ -362,7 +380,7 @@ def coso(
         info = chosen(params)
         history = {}
         for key, z in state.sketches.items():
-            u, sigma, _ = jnp.linalg.svd(z, full_matrices=False)
+            u, sigma = _svd_u(z)
             history[key] = append_directions(state.history[key], u, history_count(sigma, threshold))
         inner_state = opt.init(coordinates(params, info)) if reset_optimizer else state.inner_state
         sketches = jax.tree.map(jnp.zeros_like, state.sketches)
