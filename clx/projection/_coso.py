@@ -250,7 +250,12 @@ def coso(
       trainable: path prefixes of the *other* params that take plain inner-optimizer steps
         (e.g. ``('head',)``); None: all of them; ``()``: none (frozen, as the code's backbone).
       side: ``"output"`` (the code: the subspace lives in the layer's output space, the rows of
-        PyTorch's (out, in) weight) or ``"input"`` (the rows of Flax's (in, out) kernel).
+        PyTorch's (out, in) weight) or ``"input"`` (the rows of Flax's (in, out) kernel, GPM's side:
+        the update then leaves the layer's outputs on the old tasks' gradient inputs unchanged).
+        Measured on 3-task Permuted MNIST (MLP 784-100-100-10 from scratch, 2,000 examples x 2
+        epochs per task, lr 1e-3, seed 0): r 4 on every layer, output side ACC 48.3 % / BWT -6.3 %,
+        input side 56.7 % / +0.5 %; r 10 on the hidden layers (head plain Adam), output 66.9 % /
+        -16.3 %, input 74.4 % / -3.8 % (fine-tuning with SGD 0.01: 83.5 % / -5.7 %).
       b1, b2, eps: Adam's; eps 1e-6 as the code's transformers AdamW.
       inner: an optax transformation used instead of Adam on the coordinates (e.g. ``optax.sgd``);
         it must not need ``params`` (the coordinates are not shaped like them).
