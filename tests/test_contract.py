@@ -64,6 +64,8 @@ CONTRACT = {
     "sgp": _registered("sgp"),
     "adam_nscl": _registered("adam_nscl"),
     "ogd": _registered("ogd"),
+    "coso": _registered("coso"),
+    "olora": _registered("olora"),
     "hnet": _registered("hnet"),
     "ewc": _registered("ewc"),
     "online_ewc": _registered("online_ewc"),

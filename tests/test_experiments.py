@@ -214,6 +214,8 @@ METHOD_RUNS = [
     ("sgp", {}),
     ("adam_nscl", {"adam_nscl.lr": 1e-3, "adam_nscl.later_lr": 0.0}),
     ("ogd", {"ogd.memory_per_task": 50}),
+    ("coso", {"coso.lr": 1e-3}),
+    ("olora", {"train.optimizer": "adam", "train.lr": 1e-3}),
     ("ewc", {"ewc.lam": 1.0}),
     ("online_ewc", {"online_ewc.lam": 1.0}),
     ("si", {"si.c": 1.0}),

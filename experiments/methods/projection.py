@@ -1,5 +1,5 @@
 """The gradient-projection family: GPM (Saha, Garg, Roy 2021), SGP (Saha & Roy 2023), Adam-NSCL (Wang, Li, Sun,
-Xu 2021), OGD (Farajtabar, Azizan, Mott, Li 2020)."""
+Xu 2021), OGD (Farajtabar, Azizan, Mott, Li 2020); CoSO (Cheng et al. 2025) and O-LoRA (Wang et al. 2023)."""
 
 from __future__ import annotations
 
@@ -276,5 +276,194 @@ OGD = register(
         results=ogd_results,
         evidence_samples=lambda config: int(config.ogd.memory_per_task),
         check=_check_ogd,
+    )
+)
+
+
+# --- CoSO and O-LoRA (issue 13: continual fine-tuning in orthogonal subspaces) --------------------------------------
+
+import jax  # noqa: E402  (this block's own imports, so that it merges beside the others)
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from experiments.methods._registry import build_classifier  # noqa: E402
+
+
+def _split_names(spec: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in str(spec).split(",") if s.strip())
+
+
+def _kernels_matching(params, spec: str, who: str) -> list[str] | None:
+    """The kernel paths (``clx.projection.kernel_paths``: 2-D and 4-D ``kernel`` leaves) containing any of the
+    comma-separated substrings of ``spec``; None for ``spec == ""`` (every one). Raises ValueError when none
+    matches (the message lists the kernels)."""
+    names = _split_names(spec)
+    if not names:
+        return None
+    kernels = [p for p, _ in clx.projection.kernel_paths(params, who=who)]
+    chosen = [p for p in kernels if any(n in p for n in names)]
+    if not chosen:
+        raise ValueError(f"config.{who}.layers={spec!r} matches none of the model's kernels {kernels}.")
+    return chosen
+
+
+def _abstract_params(model):
+    """The params' shapes of a ``clx.FunctionalModel`` (nested dicts of ShapeDtypeStruct), for choosing layers."""
+    template = getattr(model, "template", None)
+    if template is None:
+        raise ValueError(
+            f"choosing layers by name needs a clx.FunctionalModel (its params' shapes), got {type(model).__name__}; "
+            "leave the layers setting empty (every kernel)."
+        )
+    return nnx.to_pure_dict(template)
+
+
+def coso_config() -> ml_collections.ConfigDict:
+    """``config.coso``: CoSO (Cheng et al. 2025; quinn-ch/CoSO ``exps/*.json``, as read for ``clx.projection.coso``).
+
+    The code's ViT-B values are r 15-70 and l 100-160 on 768-wide weights; the defaults here are scaled to clx's
+    small models (r 8, l 32). The rule owns its Adam: ``config.train.optimizer``/``lr`` do not apply to it.
+    """
+    c = ml_collections.ConfigDict()
+    c.lr = 3e-4  # Adam's learning rate (the code: 3e-4 CIFAR-100, 4e-4 ImageNet-R)
+    c.rank = 4  # r, the optimization subspace per weight (the code's proj_rank: 15 / 50 / 70); <= min(weight shape)
+    c.sketch_size = 16  # l, the Frequent-Directions sketch (the code's rank: 100 / 120 / 160)
+    c.update_every = 1  # K, steps between SVDs of the gradient (the code's update_gap: 1; 20 on DomainNet)
+    c.threshold = 0.98  # energy of the sketch kept for the history at a task's end (the code: 0.98)
+    c.decay = 1.0  # the sketch's decay before each merge (db_decay: 1.0)
+    c.layers = ""  # comma-separated substrings of kernel paths to project ('' every kernel; the code: 'attn/out')
+    c.trainable = "all"  # the other params: all | '' (frozen, the code's backbone) | comma-separated prefixes ('head')
+    c.side = "output"  # the subspace side: output (the code: rows of torch's (out, in) weight) | input
+    return c
+
+
+def _coso_args(config, model) -> dict:
+    c = config.coso
+    layers = _kernels_matching(_abstract_params(model), c.layers, "coso") if _split_names(c.layers) else None
+    trainable = None if str(c.trainable).strip() == "all" else _split_names(c.trainable)
+    return dict(
+        rank=int(c.rank),
+        sketch_size=int(c.sketch_size),
+        update_every=int(c.update_every),
+        decay=float(c.decay),
+        layers=layers,
+        trainable=trainable,
+        side=str(c.side),
+    )
+
+
+def coso_rule(config, model, hp=None):
+    """``clx.chain(clx.projection.coso(...))`` (the whole optimizer); ``hp``: a swept ``coso.lr`` or ``.threshold``."""
+    c = config.coso
+    lr = swept(config, hp, "coso.lr", float(c.lr))
+    threshold = swept(config, hp, "coso.threshold", float(c.threshold))
+    return clx.chain(clx.projection.coso(lr, threshold=threshold, **_coso_args(config, model)))
+
+
+def _check_coso(config) -> None:
+    c = config.coso
+    clx.projection.coso(
+        float(c.lr),
+        int(c.rank),
+        sketch_size=int(c.sketch_size),
+        update_every=int(c.update_every),
+        threshold=float(c.threshold),
+        decay=float(c.decay),
+        side=str(c.side),
+    )
+
+
+def coso_results(rule_state, member) -> dict:
+    """``coso_history_dims``: ``{kernel path: dimension of the old tasks' subspace}`` after the last task."""
+    state = next(s for s in rule_state if isinstance(s, clx.projection.CoSOState))
+    dims = {}
+    for k, h in state.history.items():
+        mask = np.asarray(h.mask)
+        dims[k] = int(mask.sum() if member is None else mask[member].sum())
+    return {"coso_history_dims": dims}
+
+
+COSO = register(
+    Method(
+        "coso",
+        coso_rule,
+        config=coso_config,
+        sweepable=("coso.lr", "coso.threshold"),
+        results=coso_results,
+        evidence_samples=lambda config: 1,
+        check=_check_coso,
+    )
+)
+
+
+def olora_config() -> ml_collections.ConfigDict:
+    """``config.olora``: O-LoRA (Wang et al. 2023; cmnfriend/O-LoRA, as read for ``clx.projection.olora``).
+
+    The model is ``config.model``'s network, frozen, with ``num_tasks`` LoRAs (``clx.projection.LoRAModel``); the
+    optimizer is ``config.train``'s (the code: AdamW, lr 1e-3 constant).
+    """
+    c = ml_collections.ConfigDict()
+    c.rank = 8  # r (the code's lora_dim)
+    c.alpha = 32.0  # LoRA's alpha, scale alpha / r (the code: 32)
+    c.lambda_1 = 0.5  # orthogonality weight (the code's lamda_1)
+    c.lambda_2 = 0.0  # L2 (Frobenius norm) on the new LoRA (lamda_2)
+    c.orthogonality = "squared"  # squared (sum of squared entries of A_s A_t^T, as issue 13) | abs (the code's)
+    c.layers = ""  # comma-separated substrings of 2-D kernel paths ('' every one; the code: 'attn/query,attn/value')
+    c.trainable = ""  # base params that also train, comma-separated prefixes ('head' for a task-IL MultiHead)
+    return c
+
+
+def build_lora_model(config, stream, seed: int):
+    """``config.model``'s network (``build_classifier``) wrapped in a ``clx.projection.LoRAModel`` with
+    ``stream.num_tasks`` LoRAs on ``config.olora.layers``; returns (model, params)."""
+    base, base_params = build_classifier(config, stream, seed)
+    c = config.olora
+    layers = _kernels_matching(base_params, c.layers, "olora")
+    if layers is not None:
+        layers = [p for p in layers if np.ndim(_leaf(base_params, p)) == 2]
+    model = clx.projection.LoRAModel(
+        base, base_params, int(stream.num_tasks), int(c.rank), layers, alpha=float(c.alpha)
+    )
+    return model, model.init(base_params, jax.random.key(seed))
+
+
+def _leaf(tree, path: str):
+    for k in path.split("/"):
+        tree = tree[k] if k in tree else tree[int(k)]
+    return tree
+
+
+def olora_rule(config, model, hp=None):
+    """``clx.chain(clx.projection.olora(optimizer, ...))``; ``hp``: a swept ``olora.lambda_1`` or ``train.lr``."""
+    c = config.olora
+    lambda_1 = swept(config, hp, "olora.lambda_1", float(c.lambda_1))
+    return clx.chain(
+        clx.projection.olora(
+            optimizer(config, hp),
+            lambda_1,
+            float(c.lambda_2),
+            orthogonality=str(c.orthogonality),
+            trainable=_split_names(c.trainable),
+        )
+    )
+
+
+def _check_olora(config) -> None:
+    c = config.olora
+    clx.projection.olora(optax.sgd(1.0), float(c.lambda_1), float(c.lambda_2), orthogonality=str(c.orthogonality))
+    for what in ("rank",):
+        if int(c[what]) < 1:
+            raise ValueError(f"config.olora.{what} must be >= 1, got {c[what]}.")
+
+
+OLORA = register(
+    Method(
+        "olora",
+        olora_rule,
+        config=olora_config,
+        sweepable=("olora.lambda_1", "train.lr"),
+        build_model=build_lora_model,
+        evidence_samples=lambda config: 1,
+        check=_check_olora,
     )
 )
