@@ -1,7 +1,7 @@
 """The continual model-merging protocol of issue 13, one command: fine-tune, merge in random orders, table.
 
     python -m experiments.merging --pretrained DIR --workdir OUT [--tasks 7] [--steps 500] [--lr 1e-4]
-        [--orders 10] [--seed 0] [--eval-samples 2000] [--data-dir MNIST_DIR]
+        [--orders 10] [--seed 0] [--eval-samples 1000] [--data-dir MNIST_DIR]
 
 1. **Fine-tune.** ``DIR`` is a pretrained ViT written by ``experiments.pretrain_vit``
    (``load_pretrained``); its ``vit.json`` names the source it was trained on (``mnist``, or
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--orders", type=int, default=10, help="random merge orders R (default 10)")
     p.add_argument("--seed", type=int, default=0, help="orders, DARE keys, batch order and the test subsample")
-    p.add_argument("--eval-samples", type=int, default=2000, help="test examples per task scored (default 2000)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="test examples per task scored (default 1000)")
     p.add_argument("--data-dir", default="", help="the MNIST IDX directory (default ../shared/data/mnist)")
     p.add_argument("--chunk", type=int, default=100, help="fine-tuning steps per jitted call")
     p.add_argument("--methods", default="all", help=f"comma-separated subset of {', '.join(MERGES)} (default all)")
@@ -340,6 +340,7 @@ def run_methods(pretrained, finetuned, orders, score, seed: int, methods=MERGES)
     }
     ft_matrix, ft_eval = _timed(score, stacked)
     own = np.diag(ft_matrix)
+    print(f"pretrained: ACC {100 * pre_acc.mean():.2f}; fine-tuned (own task): ACC {100 * own.mean():.2f}", flush=True)
     results["fine-tuned"] = {
         "kind": "reference",
         "hparams": {},
@@ -361,6 +362,7 @@ def run_methods(pretrained, finetuned, orders, score, seed: int, methods=MERGES)
             "eval_seconds": round(ev, 2),
             **_summary([accs[0].mean()]),
         }
+        print(f"{name}: ACC {100 * results[name]['acc_mean']:.2f} (merge {secs:.1f}s, eval {ev:.1f}s)", flush=True)
 
     all_at_once("task arithmetic", {"lam": 0.3}, lambda: m.task_arithmetic(pretrained, finetuned, lam=0.3))
     all_at_once(
@@ -385,6 +387,7 @@ def run_methods(pretrained, finetuned, orders, score, seed: int, methods=MERGES)
             "eval_seconds": round(ev, 2),
             **_summary(accs.mean(axis=1)),
         }
+        print(f"DARE + TA: ACC {100 * results['DARE + TA']['acc_mean']:.2f} (merge {secs:.1f}s, eval {ev:.1f}s)")
 
     continual = [
         ("continual TA", {"lam": 0.3}, m.continual_task_arithmetic(0.3)),
@@ -430,6 +433,27 @@ def table(results: dict, num_orders: int) -> str:
         es = f"{r['eval_seconds']:.1f}" if "eval_seconds" in r else "-"
         lines.append(f"| {name} | {hp} | {acc} | {bwt} | {ms} | {es} |")
     return "\n".join(lines)
+
+
+def render(out: dict) -> str:
+    """``merging.md`` from the ``merging.json`` dict: a header with the settings, then :func:`table`."""
+    st, records = out["settings"], out["finetune"]
+    T, info = st["tasks"], st["pretrained_info"]
+    fine = ", ".join(f"{r['change']} {100 * r['accuracy']:.1f}" for r in records)
+    ft_train = sum(r["train_seconds"] for r in records)
+    reused = all(r["reused"] for r in records)
+    return (
+        f"# Continual merging of {T} fine-tuned ViTs ({info.get('source')}, finetune stream)\n\n"
+        f"Pretrained: {st['pretrained']} (test accuracy {info.get('test_accuracy')}). "
+        f"Fine-tuning: {st['optimizer']}, lr {st['lr']}, {st['steps']} steps of batch {st['batch_size']} per "
+        f"task, {ft_train:.0f}s of training for the {T} tasks"
+        f"{' (read back from the checkpoints in this run)' if reused else ''}. "
+        f"Scored on {st['eval_samples']} test examples per task; {st['orders']} random orders (seed {st['seed']}). "
+        f"ACC: mean accuracy over all tasks of the final merged model, mean ± std over the orders; BWT: "
+        f"clx.metrics.bwt of each order's accuracy matrix of merging. This run's wall time {out['wall_seconds']:.0f}s "
+        f"on {len(st['devices'])} device(s).\n\n"
+        f"Individual fine-tuned accuracy per task: {fine}.\n\n" + table(out["methods"], st["orders"]) + "\n"
+    )
 
 
 def main(argv=None) -> dict:
@@ -479,24 +503,13 @@ def main(argv=None) -> dict:
         "finetune_seconds": round(ft_seconds, 1),
         "wall_seconds": round(time.time() - t_start, 1),
     }
-    md = table(results, args.orders)
-    fine = ", ".join(f"{r['change']} {100 * r['accuracy']:.1f}" for r in records)
-    header = (
-        f"# Continual merging of {T} fine-tuned ViTs ({info.get('source')}, finetune stream)\n\n"
-        f"Pretrained: {os.path.abspath(args.pretrained)} (test accuracy {info.get('test_accuracy')}). "
-        f"Fine-tuning: Adam lr {args.lr}, {args.steps} steps of batch {args.batch_size} per task "
-        f"({ft_seconds:.0f}s in this run{', reused' if all(r['reused'] for r in records) else ''}). "
-        f"Scored on {ys.shape[1]} test examples per task; {args.orders} random orders (seed {args.seed}). "
-        f"ACC: mean accuracy over all tasks of the final merged model; BWT: clx.metrics.bwt of each "
-        f"order's accuracy matrix of merging. Wall {out['wall_seconds']:.0f}s.\n\n"
-        f"Individual fine-tuned accuracy per task: {fine}.\n\n"
-    )
+    text = render(out)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, RESULT_JSON), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(workdir, RESULT_MD), "w") as f:
-        f.write(header + md + "\n")
-    print(header + md)
+        f.write(text)
+    print(text, end="")
     return out
 
 
