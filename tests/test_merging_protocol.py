@@ -130,16 +130,16 @@ def test_rerun_reuses_finetuned_models_and_gives_the_same_numbers(run):
     pre, work, argv, out = run
     ckpt = os.path.join(work, "finetuned", "task_0")
     stamp = os.path.getmtime(ckpt)
-    again = merging.main(argv + ["--methods", "OPCM"])
+    again = merging.main(argv + ["--methods", "continual average"])
     assert os.path.getmtime(ckpt) == stamp
     assert all(r["reused"] for r in again["finetune"])
     assert again["finetuned_matrix"] == out["finetuned_matrix"]
     assert again["orders"] == out["orders"]
     for key in ("acc_per_order", "bwt_per_order", "accuracy_matrices"):
-        assert again["methods"]["OPCM"][key] == out["methods"]["OPCM"][key]
-    assert set(again["methods"]) == {"pretrained", "fine-tuned", "OPCM"}
+        assert again["methods"]["continual average"][key] == out["methods"]["continual average"][key]
+    assert set(again["methods"]) == {"pretrained", "fine-tuned", "continual average"}
     with pytest.raises(ValueError, match="other settings"):
-        merging.main([*argv, "--steps", "13", "--methods", "OPCM"])
+        merging.main([*argv, "--steps", "13", "--methods", "continual average"])
 
 
 @pytest.mark.parametrize(
