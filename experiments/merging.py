@@ -47,6 +47,15 @@ below), and prints the table. Bad input (a pretrained directory without ``vit.js
 ``--orders`` < 1, ``--tasks`` outside 1..7, non-positive steps/lr/batch/eval samples, a
 ``--workdir`` that is a file) is a clear error before anything is written.
 
+Measured (``--pretrained`` the 97.1 % MNIST ViT of ``experiments.pretrain_vit``, defaults: 7 tasks,
+500 steps, lr 1e-4, 10 orders, 1000 test examples per task; 2 CPU cores shared with other jobs,
+load 8-19): fine-tuning 1,198 s for the 7 tasks, merging and scoring 1,700 s. ACC %: pretrained
+29.6, fine-tuned 90.3 (each on its own task), TA 39.8, TIES 34.6, DARE + TA 39.3 ± 0.4, continual
+TA 39.8 ± 0.0, continual TIES 12.1 ± 1.5 (its merged task vector grows about 1.5x per merge with
+``merge="sum"``: norm 16.5 after 7 merges against 1.1-3.0 for one task vector), continual average
+36.5 ± 0.0, OPCM 41.1 ± 0.4 (diagonal kept: 41.3 ± 0.5). So fine-tuned > OPCM > continual TA,
+the order issue 13 expects, with OPCM 1.3 points over continual TA.
+
 Wall times: fine-tuning per task is the jitted training (compilation included for the first task);
 a method's "merge s" is its merging over all R orders (one jitted program, compilation included),
 "eval s" the scoring of its models.
