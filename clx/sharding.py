@@ -13,6 +13,9 @@ public so that a custom loop can do the same:
   ``"model"`` axis, the last axis of large leaves (>= ``min_size`` elements,
   divisible by the axis size) sharded over it (tensor-parallel storage of big
   kernels; the compiler inserts the gathers).
+- ``fsdp_shardings(params, mesh, axis="model")``: FSDP-style storage, each 2-D kernel
+  split along its larger dimension over ``axis``, everything else replicated (a clear
+  error naming the leaf whose dimension the axis does not divide).
 - ``put(x, sharding)``: a host numpy array -> a global ``jax.Array`` through
   ``jax.make_array_from_process_local_data``. Every process passes the *same*
   full array for a replicated sharding (the trainer's task arrays, which every
@@ -138,6 +141,59 @@ def param_shardings(params: Any, mesh: Mesh, min_size: int | None = None) -> Any
         return replicated(mesh)
 
     return jax.tree.map(one, params)
+
+
+def fsdp_shardings(params: Any, mesh: Mesh, axis: str = MODEL, min_size: int = 0) -> Any:
+    """FSDP-style shardings for a params pytree: each 2-D kernel split over ``axis``, the rest replicated.
+
+    Every 2-D leaf with at least ``min_size`` elements (an ``nnx.Linear`` kernel (in, out))
+    is split along its larger dimension (the first on a tie) over the mesh axis ``axis``, so
+    each of the ``n`` devices stores ``1/n`` of it; every other leaf (biases, LayerNorm scales,
+    3-D tokens and position embeddings, and 2-D leaves below ``min_size``) is replicated. Use
+    ``put_tree(params, fsdp_shardings(params, mesh))`` (or ``jax.device_put``) to place them;
+    a jitted step on the placed params then runs as one SPMD program (XLA inserts the
+    gathers and reduce-scatters) and returns the results of the 1-device program up to float
+    rounding. Works on arrays and on ``jax.ShapeDtypeStruct`` leaves.
+
+    Args:
+      params: a params pytree.
+      mesh: a mesh with an axis named ``axis`` (``jax.make_mesh((8,), ("model",))``, or
+        ``make_mesh((n_data, n_model))`` for data x model).
+      axis: the mesh axis the kernels are split over (default ``"model"``).
+      min_size: 2-D leaves with fewer elements stay replicated (default 0: every 2-D leaf).
+
+    Returns:
+      A pytree of ``NamedSharding`` shaped like ``params``.
+
+    Raises:
+      ValueError: ``axis`` is not an axis of ``mesh``; a 2-D leaf that should be split has
+        a larger dimension not divisible by the axis size (the message names the leaf, its
+        shape and the fixes: a width divisible by the axis size, a smaller ``axis``, or a
+        larger ``min_size``).
+    """
+    from clx.tree import path_str
+
+    if axis not in mesh.axis_names:
+        raise ValueError(f"fsdp_shardings: the mesh has axes {tuple(mesh.axis_names)}, no {axis!r}; pass axis=.")
+    n = int(mesh.shape[axis])
+    min_size = int(min_size)
+
+    def one(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if len(shape) != 2 or math.prod(shape) < min_size or n == 1:
+            return replicated(mesh)
+        dim = 0 if shape[0] >= shape[1] else 1
+        if shape[dim] % n:
+            raise ValueError(
+                f"fsdp_shardings: leaf '{path_str(path)}' of shape {shape} should be split over the {n} devices of "
+                f"the mesh's {axis!r} axis along its larger dimension ({shape[dim]}), which {n} does not divide; use "
+                f"widths divisible by {n}, a smaller {axis!r} axis, or min_size > {math.prod(shape)} to replicate it."
+            )
+        spec = [None, None]
+        spec[dim] = axis
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def put(x, sharding: NamedSharding) -> jax.Array:
