@@ -28,7 +28,7 @@ demo: venv
 test: venv
 	$(VENV)/bin/ruff check clx experiments tests benchmarks
 	$(VENV)/bin/ruff format --check clx experiments tests benchmarks
-	$(PY) -m pytest -q -n 2 --durations=30 tests
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=30 tests
 
 pmnist: venv
 	$(PY) -m experiments.main --config experiments/configs/pmnist_gpm.py --workdir runs/pmnist_gpm

@@ -12,7 +12,13 @@ import os
 import subprocess
 import sys
 
-import pytest
+# One OpenBLAS thread per xdist worker (numpy's and jaxlib's CPU LAPACK: the SVDs of GPM and its family). With
+# pytest -n 2 on 2 cores, two workers each spinning up a thread per core made a (100, 784) SVD 5-40x slower
+# (86 / 393 ms numpy / jax against 16 / 9 ms with one thread, measured on the loaded development machine).
+# The Makefile sets it too: this covers a bare `pytest` when numpy is not imported yet.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 NUM_FAKE_DEVICES = 8
 _ENV = "CLX_TEST_CPU_DEVICES"
