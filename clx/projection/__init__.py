@@ -1,6 +1,7 @@
 """The gradient-projection family: a layer's gradient is projected out of the
 input-space subspaces of old tasks (GPM, Saha et al. 2021; SGP, Saha & Roy 2023,
-scales the projection per direction), on the shared toolkit ``clx.subspace``.
+scales the projection per direction; TRGP, Lin et al. 2022, reuses old tasks' frozen weights through
+per-task scale matrices), on the shared toolkit ``clx.subspace``.
 Each method lives in its own private module."""
 
 from clx.projection._adam_nscl import AdamNSCLState, adam_nscl
@@ -8,13 +9,17 @@ from clx.projection._common import check_per_layer, kernel_paths, per_layer, pro
 from clx.projection._gpm import GPMState, gpm
 from clx.projection._ogd import OGDState, ogd
 from clx.projection._sgp import SGPState, sgp, sgp_importance
+from clx.projection._trgp import TRGPModel, TRGPState, check_epsilon, task_basis, trgp, trust_region
 
 __all__ = [
     "AdamNSCLState",
     "GPMState",
     "OGDState",
     "SGPState",
+    "TRGPModel",
+    "TRGPState",
     "adam_nscl",
+    "check_epsilon",
     "check_per_layer",
     "gpm",
     "kernel_paths",
@@ -23,4 +28,7 @@ __all__ = [
     "project_kernel",
     "sgp",
     "sgp_importance",
+    "task_basis",
+    "trgp",
+    "trust_region",
 ]
