@@ -229,19 +229,21 @@ class TRGPModel:
     def _transform(self, params, key, t):
         """``x -> x + sum_j ((x M_j) D_j) M_j^T`` of task ``t`` in layer ``key``."""
         lay = params[_TRGP]["layers"][key]
-        done = params[_TRGP]["done"][t] > 0.5
-        d_mats = jnp.where(done, _stop(lay["scale"][t]), lay["live"])  # (S, k, k)
         trust = _stop(lay["trust"][t])  # (S,)
         active = trust > 0.5
-        idx = jnp.clip(jnp.round(trust).astype(jnp.int32) - 1, 0, self.num_tasks - 1)
-        bases = _stop(lay["basis"])[idx] * active[:, None, None].astype(jnp.float32)  # (S, d, k)
 
-        def apply(x):
+        def full(x):
+            # gathered inside the branch: an empty region reads none of the (T, d, k) and (T, S, k, k) leaves
+            done = params[_TRGP]["done"][t] > 0.5
+            d_mats = jnp.where(done, _stop(lay["scale"][t]), lay["live"])  # (S, k, k)
+            idx = jnp.clip(jnp.round(trust).astype(jnp.int32) - 1, 0, self.num_tasks - 1)
+            bases = _stop(lay["basis"])[idx] * active[:, None, None].astype(jnp.float32)  # (S, d, k)
             xm = jnp.einsum("nd,sdk->snk", x, bases, precision=sub.HIGHEST)
             xmd = jnp.einsum("snk,skl->snl", xm, d_mats, precision=sub.HIGHEST)
             return x + jnp.einsum("snl,sdl->nd", xmd, bases, precision=sub.HIGHEST)
 
-        return apply
+        # an empty region costs nothing (one branch runs; both under vmap) and leaves x as it is
+        return lambda x: jax.lax.cond(jnp.any(active), full, lambda x: x, x)
 
     def _run(self, params, x, task_id, inputs, perturbations, shapes=None):
         self._check_task(task_id)
@@ -309,6 +311,7 @@ class TRGPState(NamedTuple):
     grad_sum: dict[str, jax.Array]  # kernel path -> (d, m) sum of the task's first selection_batches gradients
     norms: dict[str, jax.Array]  # kernel path -> (T, T) ||M_j M_j^T G|| / ||G|| of task t (row) on task j
     wanted: dict[str, jax.Array]  # kernel path -> (T,) int32 rank each task's basis asked for (before the cap k)
+    regions: dict[str, jax.Array]  # kernel path -> (T, S) int32 old task in each slot of task t's region (-1: empty)
     task: jax.Array  # int32 scalar, the task of the last update (-1 before any)
     step: jax.Array  # int32 scalar, updates done in that task
     inner: optax.OptState  # the optimizer's state on {"net": ..., "live": ...}
@@ -405,7 +408,7 @@ def trgp(
         per_layer(threshold, paths, 0, sub.check_threshold, who="trgp")
         per_layer(num_samples, paths, 0, int, who="trgp", what="num_samples value")
         T = params[_TRGP]["done"].shape[0]
-        subspaces, projectors, grad_sum, norms, wanted = {}, {}, {}, {}, {}
+        subspaces, projectors, grad_sum, norms, wanted, regions = {}, {}, {}, {}, {}, {}
         for p in paths:
             d, m = _get(params, p).shape
             subspaces[p] = sub.empty(d)
@@ -413,9 +416,10 @@ def trgp(
             grad_sum[p] = jnp.zeros((d, m), jnp.float32)
             norms[p] = jnp.zeros((T, T), jnp.float32)
             wanted[p] = jnp.zeros((T,), jnp.int32)
+            regions[p] = jnp.full(params[_TRGP]["layers"][p]["trust"].shape, -1, jnp.int32)
         live = {p: params[_TRGP]["layers"][p]["live"] for p in paths}
         inner = optimizer.init(view(params[_NET], live))
-        return TRGPState(subspaces, projectors, grad_sum, norms, wanted, jnp.int32(-1), jnp.int32(0), inner)
+        return TRGPState(subspaces, projectors, grad_sum, norms, wanted, regions, jnp.int32(-1), jnp.int32(0), inner)
 
     def update(updates, state, params=None, *, task_id=None, layer_inputs=None, output_grads=None, **extra):
         del extra
@@ -433,7 +437,7 @@ def trgp(
         fresh = optimizer.init(view(params[_NET], live_p))
         inner = jax.tree.map(lambda f, o: jnp.where(new_task, f, o), fresh, state.inner)
 
-        grad_sum, norms, trust_moves = {}, {}, {}
+        grad_sum, norms, regions, trust_moves = {}, {}, {}, {}
         select_now = (step == selection_batches - 1) & (t >= 1)
         for p in paths:
             g = _get(updates, p)
@@ -449,6 +453,8 @@ def trgp(
             old_row = trgp_p[p]["trust"][t]
             trust_moves[p] = jnp.zeros_like(trgp_p[p]["trust"]).at[t].set(jnp.where(select_now, row - old_row, 0.0))
             norms[p] = jnp.where(select_now, state.norms[p].at[t].set(ratio), state.norms[p])
+            chosen = state.regions[p].at[t].set(row.astype(jnp.int32) - 1)
+            regions[p] = jnp.where(select_now, chosen, state.regions[p])
 
         seen = set()
 
@@ -480,7 +486,7 @@ def trgp(
             for p in paths
         }
         out = {_NET: steps["net"], _TRGP: {"done": jnp.zeros_like(params[_TRGP]["done"]), "layers": out_layers}}
-        state = state._replace(grad_sum=grad_sum, norms=norms, task=t, step=step + 1, inner=inner)
+        state = state._replace(grad_sum=grad_sum, norms=norms, regions=regions, task=t, step=step + 1, inner=inner)
         return out, state
 
     def consolidate(state, params, evidence: Evidence):

@@ -43,7 +43,7 @@ from experiments.configs import pmnist_gpm
 
 def get_config():
     c = pmnist_gpm.get_config()
-    c.method = "gpm,sgp,adam_nscl,ogd"
+    c.method = "gpm,sgp,adam_nscl,ogd,trgp"
     c.sgp.threshold = (0.95, 0.99, 0.99)
     c.sgp.num_samples = 300
     c.sgp.alpha = 10.0
@@ -54,4 +54,9 @@ def get_config():
     c.adam_nscl.num_samples = 0  # the whole task (54,000 inputs per layer)
     c.ogd.memory_per_task = 200
     c.ogd.num_tasks = 0  # stream.num_tasks = 10
+    c.trgp.threshold = (0.95, 0.99, 0.99)
+    c.trgp.epsilon = 0.2
+    c.trgp.num_samples = 300
+    c.trgp.selection_examples = 300  # 30 batches of 10
+    c.trgp.rank = 0  # no cap: a task basis may hold d columns
     return c
