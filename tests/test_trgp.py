@@ -37,18 +37,21 @@ class _Runner:
 
     def __init__(self, model, rule, batch):
         self.model, self.rule, self.batch = model, rule, batch
-        self.programs = make_train_steps_fn(model, rule, batch)
+        self.step = make_train_steps_fn(model, rule, batch)(1)  # one compiled step (no unrolled copies)
+        self.consolidate_fn = jax.jit(rule.consolidate)
         self.key = jax.random.key_data(jax.random.key(0))
 
     def steps(self, params, state, x, y, t, start, num):
+        """``num`` steps from batch ``start``, one program call each (one compiled step: no unrolled copies)."""
         ids = jnp.full((x.shape[0],), t, jnp.int32)
-        params, state, _ = self.programs(num)(None, params, state, x, y, ids, self.key, t, 0, start)
+        for i in range(start, start + num):
+            params, state, _ = self.step(None, params, state, x, y, ids, self.key, t, 0, i)
         return params, state
 
     def consolidate(self, params, state, x, y, t):
         _, inputs = self.model.apply_with_taps(params, x, jnp.int32(t))  # the trainer's evidence, eagerly
         ev = clx.Evidence(jnp.int32(t), x, y, {k: v.T for k, v in inputs.items()}, self.model.apply)
-        moves, state = self.rule.consolidate(state, params, ev)  # eager: no compile for these tiny shapes
+        moves, state = self.consolidate_fn(state, params, ev)
         return (params if moves is None else optax.apply_updates(params, moves)), state
 
     def task(self, params, state, x, y, t):
