@@ -214,6 +214,7 @@ METHOD_RUNS = [
     ("sgp", {}),
     ("adam_nscl", {"adam_nscl.lr": 1e-3, "adam_nscl.later_lr": 0.0}),
     ("ogd", {"ogd.memory_per_task": 50}),
+    ("trgp", {"trgp.num_samples": 50, "trgp.selection_examples": 20}),
     ("ewc", {"ewc.lam": 1.0}),
     ("online_ewc", {"online_ewc.lam": 1.0}),
     ("si", {"si.c": 1.0}),
