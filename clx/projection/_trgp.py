@@ -56,6 +56,14 @@ to its input before ``x_t W`` (batch x (d k) work per slot instead of d k m for 
 weights). Every shape is static; task ids may be traced; the rule's state and the
 params are pytrees of arrays (jit, vmap over seeds).
 
+Cost: an active slot adds ``2 B d k + B k^2`` multiply-adds to a layer's forward pass
+(B the batch), and the ``live`` (S, k, k) matrices are read and written every step. On
+GPM's PMNIST MLP the task bases of layer 1 grow to about 600 of its 784 columns (the
+joint ranking keeps old union columns), so with k = d a step costs about 5x GPM's
+on a CPU. An empty region costs nothing (``lax.cond``); under ``vmap`` over seeds the
+conditionals become selects, so the transform and the region's scores
+(``T k d m`` per layer) are computed at every step.
+
 The rule (:func:`trgp`) owns its optimizer (its updates are final steps: it writes
 the region into the params) and resets the optimizer's state at every new task, as
 the code builds a new ``torch.optim.SGD`` per task.
