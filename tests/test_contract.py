@@ -33,7 +33,7 @@ def _registered(name):
     def build():
         config = _cl_tiny.digits_config(name)
         config.model.hidden = (16,)
-        for block in ("gpm", "sgp"):  # GPM's memory: one threshold per layer of this model
+        for block in ("gpm", "sgp", "trgp"):  # GPM's memory: one threshold per layer of this model
             config[block].threshold = (0.9, 0.9)
             config[block].num_samples = 24  # the evidence sample below
         config.ogd.memory_per_task = 16  # gradients from the evidence sample below
@@ -66,6 +66,7 @@ CONTRACT = {
     "ogd": _registered("ogd"),
     "coso": _registered("coso"),
     "olora": _registered("olora"),
+    "trgp": _registered("trgp"),
     "hnet": _registered("hnet"),
     "ewc": _registered("ewc"),
     "online_ewc": _registered("online_ewc"),

@@ -216,6 +216,7 @@ METHOD_RUNS = [
     ("ogd", {"ogd.memory_per_task": 50}),
     ("coso", {"coso.lr": 1e-3}),
     ("olora", {"train.optimizer": "adam", "train.lr": 1e-3}),
+    ("trgp", {"trgp.num_samples": 50, "trgp.selection_examples": 20}),
     ("ewc", {"ewc.lam": 1.0}),
     ("online_ewc", {"online_ewc.lam": 1.0}),
     ("si", {"si.c": 1.0}),

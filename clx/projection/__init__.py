@@ -1,7 +1,8 @@
 """The gradient-projection family: a layer's gradient is projected out of the
 input-space subspaces of old tasks (GPM, Saha et al. 2021; SGP, Saha & Roy 2023,
-scales the projection per direction), on the shared toolkit ``clx.subspace``; and continual
-fine-tuning in orthogonal subspaces (CoSO, Cheng et al. 2025; O-LoRA, Wang et al. 2023).
+scales the projection per direction; TRGP, Lin et al. 2022, reuses old tasks' frozen weights through
+per-task scale matrices), on the shared toolkit ``clx.subspace``; and continual fine-tuning in orthogonal
+subspaces (CoSO, Cheng et al. 2025; O-LoRA, Wang et al. 2023).
 Each method lives in its own private module."""
 
 from clx.projection._adam_nscl import AdamNSCLState, adam_nscl
@@ -11,6 +12,7 @@ from clx.projection._gpm import GPMState, gpm
 from clx.projection._ogd import OGDState, ogd
 from clx.projection._olora import LoRAModel, OLoRAState, olora, orthogonality_penalty
 from clx.projection._sgp import SGPState, sgp, sgp_importance
+from clx.projection._trgp import TRGPModel, TRGPState, check_epsilon, task_basis, trgp, trust_region
 
 __all__ = [
     "AdamNSCLState",
@@ -20,7 +22,10 @@ __all__ = [
     "OLoRAState",
     "OGDState",
     "SGPState",
+    "TRGPModel",
+    "TRGPState",
     "adam_nscl",
+    "check_epsilon",
     "check_per_layer",
     "coso",
     "gpm",
@@ -32,4 +37,7 @@ __all__ = [
     "project_kernel",
     "sgp",
     "sgp_importance",
+    "task_basis",
+    "trgp",
+    "trust_region",
 ]

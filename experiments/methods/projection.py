@@ -1,13 +1,19 @@
 """The gradient-projection family: GPM (Saha, Garg, Roy 2021), SGP (Saha & Roy 2023), Adam-NSCL (Wang, Li, Sun,
-Xu 2021), OGD (Farajtabar, Azizan, Mott, Li 2020); CoSO (Cheng et al. 2025) and O-LoRA (Wang et al. 2023)."""
+Xu 2021), OGD (Farajtabar, Azizan, Mott, Li 2020), TRGP (Lin, Yang, Fan, Zhang 2022); CoSO (Cheng et al. 2025)
+and O-LoRA (Wang et al. 2023)."""
 
 from __future__ import annotations
 
+import math
+
+import jax
 import ml_collections
 import numpy as np
+import optax
+from flax import nnx
 
 import clx
-from experiments.methods._registry import Method, optimizer, register, swept
+from experiments.methods._registry import Method, build_classifier, optimizer, register, swept
 
 
 def gpm_config() -> ml_collections.ConfigDict:
@@ -280,13 +286,101 @@ OGD = register(
 )
 
 
+# --- TRGP ------------------------------------------------------------------------------------------------------------
+
+
+def trgp_config() -> ml_collections.ConfigDict:
+    """``config.trgp``: the official code's Permuted-MNIST values (LYang-666/TRGP, ``main_pmnist.py``).
+
+    The rule owns its optimizer (``config.train``'s, built by ``optimizer``: W and the scale matrices share
+    its learning rate, as in the code) and the model is the classifier wrapped in a ``TRGPModel``.
+    """
+    c = ml_collections.ConfigDict()
+    c.threshold = (0.95, 0.99, 0.99)  # per projected layer, or one float (the code: np.array([0.95, 0.99, 0.99]))
+    c.epsilon = 0.2  # trust-region threshold on ||M_j M_j^T g|| / ||g|| (the code's eplison_1)
+    c.num_samples = 300  # examples per task in the representation matrices (the code's batch_list)
+    c.selection_examples = 300  # examples whose summed gradient picks the region (the code: 300 random ones)
+    c.rank = 0  # columns a task basis may hold per layer (0: the layer's input size d, no cap)
+    c.num_regions = 2  # trust-region slots per task (the code's top-k, k = 2)
+    return c
+
+
+def _trgp_args(config, hp) -> dict:
+    c = config.trgp
+    threshold = c.threshold if isinstance(c.threshold, (int, float)) else tuple(c.threshold)
+    threshold = swept(config, hp, "trgp.threshold", threshold)
+    if clx.tree.concrete(threshold) is None:
+        traced = threshold
+        threshold = lambda t: traced  # noqa: E731
+    return dict(
+        threshold=threshold,
+        epsilon=swept(config, hp, "trgp.epsilon", float(c.epsilon)),
+        num_samples=c.num_samples if isinstance(c.num_samples, int) else tuple(c.num_samples),
+        selection_batches=max(1, math.ceil(int(c.selection_examples) / int(config.train.batch_size))),
+    )
+
+
+def trgp_rule(config, model, hp=None):
+    """``clx.chain(clx.projection.trgp(optimizer, ...))``; ``hp``: a swept ``trgp.threshold`` (every layer),
+    ``trgp.epsilon`` or ``train.lr``."""
+    del model
+    return clx.chain(clx.projection.trgp(optimizer(config, hp), **_trgp_args(config, hp)))
+
+
+def trgp_build_model(config, stream, seed: int):
+    """The classifier of ``config.model`` wrapped in a ``clx.projection.TRGPModel`` with room for the stream's tasks."""
+    net, net_params = build_classifier(config, stream, seed)
+    c = config.trgp
+    return clx.projection.TRGPModel.wrap(
+        net, net_params, int(config.stream.num_tasks), rank=int(c.rank) or None, num_regions=int(c.num_regions)
+    )
+
+
+def _check_trgp(config) -> None:
+    c = config.trgp
+    if int(c.selection_examples) < 1 or int(c.rank) < 0 or int(c.num_regions) < 1:
+        raise ValueError(
+            f"config.trgp: selection_examples ({c.selection_examples}) and num_regions ({c.num_regions}) must be "
+            f">= 1 and rank ({c.rank}) >= 0 (0: no cap)."
+        )
+    clx.projection.trgp(optimizer(config), **_trgp_args(config, None))
+
+
+def trgp_results(rule_state, member) -> dict:
+    """``trgp_basis_ranks`` (the union U per layer after the last task), ``trgp_task_ranks`` (each task's basis
+    rank as asked, before the cap), ``trgp_regions`` (per layer, each task's trust region: the old tasks chosen)
+    and ``trgp_projection_ratios`` (per layer and task, ``||M_j M_j^T g|| / ||g||`` of every older task j)."""
+    state = next(s for s in rule_state if isinstance(s, clx.projection.TRGPState))
+
+    def pick(a):
+        a = np.asarray(a)
+        return a if member is None else a[member]
+
+    out = {"trgp_basis_ranks": {}, "trgp_task_ranks": {}, "trgp_regions": {}, "trgp_projection_ratios": {}}
+    for k, s in state.subspaces.items():
+        out["trgp_basis_ranks"][k] = int(pick(s.mask).sum())
+        out["trgp_task_ranks"][k] = [int(v) for v in pick(state.wanted[k])]
+        out["trgp_regions"][k] = [[int(j) for j in row if j >= 0] for row in pick(state.regions[k])]
+        ratios = pick(state.norms[k])
+        out["trgp_projection_ratios"][k] = [[round(float(v), 4) for v in ratios[t, :t]] for t in range(len(ratios))]
+    return out
+
+
+TRGP = register(
+    Method(
+        "trgp",
+        trgp_rule,
+        config=trgp_config,
+        sweepable=("trgp.threshold", "trgp.epsilon", "train.lr"),
+        results=trgp_results,
+        build_model=trgp_build_model,
+        evidence_samples=_evidence_samples("trgp"),
+        check=_check_trgp,
+    )
+)
+
+
 # --- CoSO and O-LoRA (issue 13: continual fine-tuning in orthogonal subspaces) --------------------------------------
-
-import jax  # noqa: E402  (this block's own imports, so that it merges beside the others)
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from experiments.methods._registry import build_classifier  # noqa: E402
 
 
 def _split_names(spec: str) -> tuple[str, ...]:
