@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 import clx
-from experiments.methods._registry import Method, optimizer, register, swept
+from experiments.methods._registry import Method, layer_paths, optimizer, register, swept
 
 
 def gpm_config() -> ml_collections.ConfigDict:
@@ -16,6 +16,7 @@ def gpm_config() -> ml_collections.ConfigDict:
     g.threshold = (0.95, 0.99, 0.99)  # per projected layer, or one float (a sweep sets one value for every layer)
     g.num_samples = 300  # examples per task in the representation matrices (an int, or one per projected layer)
     g.freeze_vectors = False  # zero 1-D params' gradients (biases, batch norm) after task 0, as the authors' code
+    g.layers = ""  # '' = every Dense/Conv kernel; else comma-separated kernel paths or globs ('blocks/*/attn/*/kernel')
     return g
 
 
@@ -33,9 +34,10 @@ def _memory_args(config, hp, name: str) -> dict:
 
 
 def gpm_rule(config, model, hp=None):
-    """``clx.chain(clx.gpm(...), optimizer)``; ``hp``: a swept ``gpm.threshold`` (every layer) or ``train.lr``."""
-    del model
-    return clx.chain(clx.gpm(**_memory_args(config, hp, "gpm")), optimizer(config, hp))
+    """``clx.chain(clx.gpm(...), optimizer)``; ``hp``: a swept ``gpm.threshold`` (every layer) or ``train.lr``.
+    ``gpm.layers`` (paths or globs, ``layer_paths``) picks the projected kernels."""
+    layers = layer_paths(model, config.gpm.get("layers", ""))
+    return clx.chain(clx.gpm(**_memory_args(config, hp, "gpm"), layers=layers), optimizer(config, hp))
 
 
 def _basis_ranks(state_type, key: str):
@@ -76,9 +78,9 @@ def sgp_config() -> ml_collections.ConfigDict:
 
 def sgp_rule(config, model, hp=None):
     """``clx.chain(clx.sgp(...), optimizer)``; ``hp``: a swept ``sgp.threshold``, ``sgp.alpha`` or ``train.lr``."""
-    del model
     alpha = swept(config, hp, "sgp.alpha", float(config.sgp.alpha))
-    return clx.chain(clx.sgp(alpha=alpha, **_memory_args(config, hp, "sgp")), optimizer(config, hp))
+    layers = layer_paths(model, config.sgp.get("layers", ""))
+    return clx.chain(clx.sgp(alpha=alpha, **_memory_args(config, hp, "sgp"), layers=layers), optimizer(config, hp))
 
 
 def sgp_results(rule_state, member) -> dict:
