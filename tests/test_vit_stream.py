@@ -61,6 +61,7 @@ def test_the_configs_describe_the_pretrained_vit():
     assert (c.model.patch_size, c.model.dim, c.model.depth, c.model.heads, c.model.mlp_dim) == (0, 64, 4, 4, 128)
     assert (c.train.optimizer, c.train.lr) == ("adam", 1e-4)
     assert c.gpm.layers == vit_stream.ATTENTION and c.gpm.threshold == 0.97
+    assert c.method == "finetune,gpm,joint,svd_split" and c.svd_split.layers == vit_stream.SPLIT
     with pytest.raises(ValueError, match="unknown vit_stream variant"):
         vit_stream.get_config("cifar")
 

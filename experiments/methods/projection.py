@@ -280,3 +280,81 @@ OGD = register(
         check=_check_ogd,
     )
 )
+
+
+# --- SVD-split (Nayak et al. 2025) -------------------------------------------------------------------------------
+
+#: ``svd_split.rank_rule`` values (``clx.projection.svd_split``'s).
+SVD_SPLIT_RANK_RULES = ("fraction", "adaptive")
+
+
+def svd_split_config() -> ml_collections.ConfigDict:
+    """``config.svd_split``: the released code's rank rule (Red-Hat-AI-Innovation-Team/orthogonal-subspace-learning,
+    ``notebooks/run_finetuning.sh``: s starts at 0.07 and grows by 0.07 per task; k = floor(max(d, m) s)).
+
+    The rule owns ``config.train``'s optimizer: it projects the gradient, steps, and projects the step, so the
+    frozen triplets stay exact under Adam too (``clx.projection.svd_split``'s docs).
+    """
+    c = ml_collections.ConfigDict()
+    c.fraction = 0.07  # s of the first task, in [0, 1)
+    c.fraction_step = 0.07  # added to s per task
+    c.rank_rule = "fraction"  # fraction (the released code) | adaptive (the paper's layer importance, from task 1)
+    c.min_retention = 0.5  # adaptive: k >= round(min_retention x min(d, m)) for a layer of mean importance ...
+    c.target_retention = 1.0  # ... up to target_retention x min(d, m) (the code's d/2 and d)
+    c.num_samples = 100  # adaptive: evidence examples per task for the importance
+    c.layers = ""  # '' = every Dense/Conv kernel; else comma-separated kernel paths or globs
+    c.reset_optimizer = True  # a fresh optimizer state per task (the authors run one script per task)
+    return c
+
+
+def _svd_split_args(config, model, hp) -> dict:
+    c = config.svd_split
+    return dict(
+        fraction=swept(config, hp, "svd_split.fraction", float(c.fraction)),
+        fraction_step=float(c.fraction_step),
+        rank_rule=str(c.rank_rule),
+        min_retention=float(c.min_retention),
+        target_retention=float(c.target_retention),
+        layers=None if model is None else layer_paths(model, c.layers),
+        reset_optimizer=bool(c.reset_optimizer),
+    )
+
+
+def svd_split_rule(config, model, hp=None):
+    """``clx.chain(clx.projection.svd_split(..., optimizer=optimizer))``; ``hp``: a swept ``svd_split.fraction``
+    or ``train.lr``."""
+    return clx.chain(clx.projection.svd_split(**_svd_split_args(config, model, hp), optimizer=optimizer(config, hp)))
+
+
+def _check_svd_split(config) -> None:
+    c = config.svd_split
+    if c.rank_rule not in SVD_SPLIT_RANK_RULES:
+        raise ValueError(
+            f"config.svd_split.rank_rule must be one of {SVD_SPLIT_RANK_RULES}, got {c.rank_rule!r} (fraction: the "
+            "released code's k = floor(max(d, m) s); adaptive: the paper's layer importance)."
+        )
+    clx.projection.svd_split(**_svd_split_args(config, None, None))
+
+
+def svd_split_results(rule_state, member) -> dict:
+    """``svd_split_frozen_ranks``: ``{kernel path: k}`` the state holds after the last task (what a next task
+    would freeze; the ranks of task t are the fraction rule's or the adaptive rule's at that boundary)."""
+    state = next(s for s in rule_state if isinstance(s, clx.projection.SVDSplitState))
+    return {
+        "svd_split_frozen_ranks": {
+            k: int(np.asarray(v) if member is None else np.asarray(v)[member]) for k, v in state.rank.items()
+        }
+    }
+
+
+SVD_SPLIT = register(
+    Method(
+        "svd_split",
+        svd_split_rule,
+        config=svd_split_config,
+        sweepable=("svd_split.fraction", "train.lr"),
+        results=svd_split_results,
+        evidence_samples=lambda config: int(config.svd_split.num_samples),
+        check=_check_svd_split,
+    )
+)
