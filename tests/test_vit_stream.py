@@ -13,9 +13,9 @@ import pytest
 import clx
 from clx import data
 from experiments.configs import vit_stream
+from experiments.main import run  # experiments.run.run, as the script calls it
 from experiments.methods._registry import build_classifier
 from experiments.pretrain_vit import INFO_FILE, PARAMS_DIR, build, load_pretrained
-from experiments.run import run
 
 # The digits variant's ViT (patch 2 on 8x8: 16 patches + the class token), as pretrain_vit writes its arguments.
 TINY = {
@@ -59,7 +59,7 @@ def test_the_configs_describe_the_pretrained_vit():
     c = vit_stream.get_config()
     assert (c.model.kind, c.stream.kind, c.stream.num_tasks, c.data.source) == ("vit", "finetune", 7, "mnist")
     assert (c.model.patch_size, c.model.dim, c.model.depth, c.model.heads, c.model.mlp_dim) == (0, 64, 4, 4, 128)
-    assert (c.train.optimizer, c.train.lr) == ("adam", 1e-4)
+    assert (c.train.optimizer, c.train.lr) == ("adam", 1e-3)
     assert c.gpm.layers == vit_stream.ATTENTION and c.gpm.threshold == 0.97
     assert c.method == "finetune,gpm,joint,svd_split" and c.svd_split.layers == vit_stream.SPLIT
     with pytest.raises(ValueError, match="unknown vit_stream variant"):
@@ -82,10 +82,11 @@ def test_every_seed_starts_from_the_pretrained_params(pretrained):
     assert jax.tree.structure(r0) == jax.tree.structure(p0)
 
 
-def test_the_script_runs_gpm_on_the_attention_of_the_pretrained_vit(pretrained, tmp_path):
-    c = _config("gpm", pretrained_dir=pretrained)
-    r = run(c, str(tmp_path))["gpm"]
-    with open(tmp_path / "results.json") as f:
+def test_the_script_runs_gpm_and_svd_split_on_the_pretrained_vit(pretrained, tmp_path):
+    c = _config("gpm,svd_split", pretrained_dir=pretrained)
+    rows = run(c, str(tmp_path))
+    r = rows["gpm"]
+    with open(tmp_path / "gpm" / "results.json") as f:
         saved = json.load(f)
     assert np.asarray(saved["accuracy_matrix"]).shape == (2, 2) and np.isfinite(saved["acc"])
     # GPM's layers: the four attention projections of the one block, each with a non-empty basis
@@ -99,6 +100,16 @@ def test_the_script_runs_gpm_on_the_attention_of_the_pretrained_vit(pretrained, 
         logits = model.apply(params, jnp.asarray(task.x_test))
         acc = float(np.mean(np.argmax(np.asarray(logits), -1) == task.y_test))
         assert r["random_baseline"][t] == pytest.approx(acc, abs=1e-6)
+        assert rows["svd_split"]["random_baseline"][t] == r["random_baseline"][t]  # the same start
+    # SVD-split's ranks after the 2 tasks (what task 2 would freeze): floor(max(d, m) x 0.07 x 3), the 16x16
+    # attention matrices and the 16x32 / 32x16 MLP of the one block; patch embedding and head not split
+    ranks = rows["svd_split"]["svd_split_frozen_ranks"]
+    assert ranks == {
+        **{f"blocks/0/attn/{n}/kernel": 3 for n in ("key", "out", "query", "value")},
+        "blocks/0/fc1/kernel": 6,
+        "blocks/0/fc2/kernel": 6,
+    }
+    assert np.isfinite(rows["svd_split"]["acc"])
 
 
 def test_a_layer_glob_that_matches_nothing_raises(workdir_with_old_results):
