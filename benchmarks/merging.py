@@ -19,6 +19,12 @@ and prints the ratios step/numpy and jax-svd/numpy, for
 * ``1024``: one 1024x1024 linear weight with its bias;
 * ``4096``: one 4096x4096 weight, only with ``--big`` (slow on a laptop-class CPU).
 
+It also times one SVD-split fine-tuning step (``clx.projection.svd_split`` owning Adam:
+project the gradient, Adam, project the step, on every attention and MLP matrix) against
+the plain Adam step, both jitted with the ViT's forward and backward, on the pretrained
+ViT's shape (``clx.models.ViT`` 28x28x1, patch 7, dim 64, depth 4, MLP 128; batch 32),
+and prints ``svd_split step / plain step`` (issue 13's "Speed").
+
     python benchmarks/merging.py [--repeats 5] [--big]
 
 On a shared or small CPU machine run both sides on one thread each, or BLAS and XLA
@@ -39,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import clx
 import clx.merging as merging
 
 
@@ -94,6 +101,53 @@ def measure(name, make, repeats):
     )
 
 
+def measure_svd_split(repeats, batch=32):
+    """One jitted fine-tuning step of the MNIST ViT: Adam vs SVD-split owning Adam (24 split matrices)."""
+    import optax
+    from flax import nnx
+
+    vit = clx.models.ViT((28, 28, 1), 10, patch_size=7, dim=64, depth=4, attention_heads=4, mlp_dim=128,
+                         rngs=nnx.Rngs(0))  # fmt: skip
+    model, params = clx.FunctionalModel.from_module(vit)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    split = [f"blocks/{i}/{n}/kernel" for i in range(4) for n in ("attn/query", "attn/key", "attn/value", "attn/out",
+                                                                    "fc1", "fc2")]  # fmt: skip
+    rules = {
+        "plain": clx.chain(optax.adam(1e-4)),
+        "svd_split": clx.chain(clx.projection.svd_split(0.25, layers=split, optimizer=optax.adam(1e-4))),
+    }
+    steps = {}
+    for name, rule in rules.items():
+
+        @jax.jit
+        def step(p, s, rule=rule):
+            def loss(p):
+                return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+
+            g = jax.grad(loss)(p)
+            u, s = rule.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        state = rule.init(params)
+        jax.block_until_ready(step(params, state))  # compile
+        steps[name] = (step, state)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):  # interleaved, so a load change on a shared machine hits both sides alike
+        for name, (step, state) in steps.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(params, state))
+            times[name].append(time.perf_counter() - t0)
+    times = {name: min(t) for name, t in times.items()}
+    print(
+        f"svd_split on the MNIST ViT (batch {batch}, {len(split)} split matrices 64x64 / 64x128 / 128x64): plain Adam "
+        f"step {1e3 * times['plain']:.2f} ms, svd_split step {1e3 * times['svd_split']:.2f} ms | "
+        f"svd_split/plain {times['svd_split'] / times['plain']:.2f}x",
+        flush=True,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -104,6 +158,7 @@ def main():
         f"best of {args.repeats} after a warm-up",
         flush=True,
     )
+    measure_svd_split(max(args.repeats, 20))
     measure("vit-tiny", vit_tiny, args.repeats)
     measure("1024", one_layer(1024), args.repeats)
     if args.big:

@@ -235,6 +235,7 @@ METHOD_RUNS = [
     ("redo", {"redo.period": 20}),
     ("upgd", {}),
     ("spectral", {}),
+    ("svd_split", {"train.optimizer": "adam", "train.lr": 1e-3}),
     (
         "hnet",
         {

@@ -67,10 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.stream.class_order = "natural"  # split streams: natural | random
 
     c.model = ml_collections.ConfigDict()
-    c.model.kind = "mlp"  # mlp | lenet | alexnet (methods/_registry.py MODEL_KINDS; CNNs take stream.input_shape)
+    c.model.kind = "mlp"  # mlp | lenet | alexnet | vit (methods/_registry.py MODEL_KINDS; CNNs take stream.input_shape)
     c.model.hidden = (100, 100)
     c.model.use_bias = False
     c.model.init = "torch"  # torch (PyTorch Linear default) | xavier (Glorot uniform, Mammoth) | lecun
+    # kind = vit (clx.models.ViT; use_bias and init above apply to it too):
+    c.model.patch_size = 0  # side of the square patches; 0 = H // 4 (a 4x4 grid: 7 on MNIST, 2 on 8x8 digits)
+    c.model.dim = 64  # token width
+    c.model.depth = 4  # encoder blocks
+    c.model.heads = 4  # attention heads (dividing dim)
+    c.model.mlp_dim = 128  # hidden width of each block's MLP
+    c.model.pretrained = ""  # a directory written by experiments.pretrain_vit: every member starts from its params
 
     c.train = ml_collections.ConfigDict()
     c.train.optimizer = "sgd"

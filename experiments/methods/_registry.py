@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -32,7 +37,142 @@ def build_mlp(config, stream, seed: int):
 
 
 #: ``config.model.kind`` values :func:`build_classifier` builds.
-MODEL_KINDS = ("mlp", "lenet", "alexnet")
+MODEL_KINDS = ("mlp", "lenet", "alexnet", "vit")
+
+# The ViT keyword arguments a pretrained directory must agree on with the config (the rest, e.g. init, only set
+# the random start that the pretrained params replace).
+_VIT_FIELDS = (
+    "input_shape",
+    "num_outputs",
+    "num_heads",
+    "patch_size",
+    "dim",
+    "depth",
+    "attention_heads",
+    "mlp_dim",
+    "use_bias",
+    "layer_norm_eps",
+)
+
+
+def vit_kwargs(config, stream) -> dict:
+    """``clx.models.ViT``'s keyword arguments from ``config.model`` (``patch_size`` 0: ``H // 4``) and ``stream``."""
+    m = config.model
+    shape = tuple(int(s) for s in stream.input_shape)
+    return {
+        "input_shape": shape,
+        "num_outputs": int(stream.num_outputs),
+        "num_heads": int(stream.num_heads),
+        "patch_size": int(m.patch_size) or max(1, shape[0] // 4),
+        "dim": int(m.dim),
+        "depth": int(m.depth),
+        "attention_heads": int(m.heads),
+        "mlp_dim": int(m.mlp_dim),
+        "use_bias": bool(m.use_bias),
+        "init": str(m.init),
+    }
+
+
+def _vit_defaults() -> dict:
+    import inspect
+
+    return {
+        k: p.default
+        for k, p in inspect.signature(clx.models.ViT.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def check_pretrained(config, stream=None) -> None:
+    """Raises if ``config.model.pretrained`` is set and cannot be the ViT's start: a missing directory (or one
+    without ``vit.json`` / ``params``: FileNotFoundError), another model kind, or (with ``stream``) ViT
+    arguments that differ from the config's (ValueError naming each field, both values and the config key)."""
+    directory = str(config.model.get("pretrained", "") or "")
+    if not directory:
+        return
+    kind = str(config.model.get("kind", "mlp")).lower()
+    if kind != "vit":
+        raise ValueError(
+            f"config.model.pretrained={directory!r} holds a ViT written by experiments.pretrain_vit, and "
+            f"config.model.kind is {config.model.kind!r}; set config.model.kind='vit' or config.model.pretrained=''."
+        )
+    from experiments.pretrain_vit import INFO_FILE, PARAMS_DIR
+
+    path = os.path.abspath(directory)
+    for need in (INFO_FILE, PARAMS_DIR):
+        if not os.path.exists(os.path.join(path, need)):
+            raise FileNotFoundError(
+                f"config.model.pretrained={directory!r}: no {need} in {path}; point it at a directory written by "
+                f"`python -m experiments.pretrain_vit --workdir DIR`, or set it to '' to start from random weights."
+            )
+    if stream is None:
+        return
+    with open(os.path.join(path, INFO_FILE)) as f:
+        saved = json.load(f)["model"]
+    defaults = _vit_defaults()
+    want = vit_kwargs(config, stream)
+    keys = {
+        "patch_size": "model.patch_size",
+        "dim": "model.dim",
+        "depth": "model.depth",
+        "attention_heads": "model.heads",
+        "mlp_dim": "model.mlp_dim",
+        "use_bias": "model.use_bias",
+        "input_shape": "the stream's input_shape (data.source, data.pad)",
+        "num_outputs": "the stream's outputs",
+        "num_heads": "the stream's heads (stream.kind)",
+        "layer_norm_eps": "the ViT's layer_norm_eps",
+    }
+    diff = []
+    for field in _VIT_FIELDS:
+        ours = want.get(field, defaults.get(field))
+        theirs = saved.get(field, defaults.get(field))
+        if isinstance(theirs, list):
+            theirs = tuple(theirs)
+        if ours != theirs:
+            diff.append(f"{field}: config {ours!r} ({keys[field]}), pretrained {theirs!r}")
+    if diff:
+        raise ValueError(
+            f"config.model.pretrained={directory!r} was trained with other ViT arguments than the config's: "
+            + "; ".join(diff)
+            + ". Set those config values to the pretrained model's (its vit.json), or pretrain a matching ViT."
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained_host_params(path: str, stamp: float, kwargs: tuple):
+    """The pretrained params as numpy arrays (cached: every member and method starts from them; fresh jax
+    arrays are made per call, as ``fit`` donates its params)."""
+    del stamp
+    from experiments.pretrain_vit import PARAMS_DIR
+
+    module = clx.models.ViT(**dict(kwargs), rngs=nnx.Rngs(0))
+    params = clx.models.load_params(os.path.join(path, PARAMS_DIR), module)
+    return jax.tree.map(np.asarray, params)
+
+
+def build_vit(config, stream, seed: int):
+    """``clx.models.ViT`` of ``config.model`` (:func:`vit_kwargs`) for ``stream``, as (FunctionalModel, params).
+
+    With ``config.model.pretrained`` (a directory written by ``experiments.pretrain_vit``) the params are the
+    pretrained ones for every seed (seeds then differ only in the batch order); else a random init from ``seed``.
+
+    Raises:
+      FileNotFoundError: a missing pretrained directory. ValueError: its ViT arguments differ from the
+        config's (see :func:`check_pretrained`).
+    """
+    check_pretrained(config, stream)
+    kwargs = vit_kwargs(config, stream)
+    module = clx.models.ViT(**kwargs, rngs=nnx.Rngs(seed))
+    model, params = clx.FunctionalModel.from_module(module)
+    directory = str(config.model.get("pretrained", "") or "")
+    if directory:
+        path = os.path.abspath(directory)
+        stamp = os.path.getmtime(os.path.join(path, "vit.json"))
+        key = tuple(sorted((k, v) for k, v in kwargs.items()))
+        host = _pretrained_host_params(path, stamp, key)
+        params = jax.tree.map(lambda a: jnp.array(a, copy=True), host)
+    return model, params
 
 
 def build_classifier(config, stream, seed: int):
@@ -40,12 +180,17 @@ def build_classifier(config, stream, seed: int):
 
     "mlp": :func:`build_mlp`; "lenet": ``clx.LeNet`` and "alexnet": ``clx.AlexNet``
     (GPM's), on ``stream.input_shape`` with the stream's outputs and heads
-    (``config.model.init``; LeNet also ``config.model.use_bias``).
+    (``config.model.init``; LeNet also ``config.model.use_bias``); "vit":
+    :func:`build_vit` (``config.model.patch_size``, ``dim``, ``depth``, ``heads``,
+    ``mlp_dim``, ``use_bias``, ``init``; ``config.model.pretrained``: a starting point).
 
     Raises:
       ValueError: an unknown kind (the message lists :data:`MODEL_KINDS`).
     """
     kind = str(config.model.get("kind", "mlp")).lower()
+    if kind == "vit":
+        return build_vit(config, stream, seed)
+    check_pretrained(config)  # a pretrained directory is for the ViT only
     if kind == "mlp":
         return build_mlp(config, stream, seed)
     if kind == "lenet":
@@ -68,6 +213,32 @@ def build_classifier(config, stream, seed: int):
     else:
         raise ValueError(f"unknown config.model.kind {config.model.kind!r}; choose one of {MODEL_KINDS}.")
     return clx.FunctionalModel.from_module(module)
+
+
+def layer_paths(model, patterns: str) -> list[str] | None:
+    """The 2-D / 4-D ``kernel`` paths of ``model``'s params matched by ``patterns``, in flattening order.
+
+    ``patterns``: comma-separated exact paths or ``fnmatch`` globs (``"blocks/*/attn/*/kernel"``: every
+    attention projection of a ViT); "" -> None (the rule's default: every kernel).
+
+    Raises:
+      ValueError: a pattern that matches no kernel (the message lists the kernels).
+    """
+    import fnmatch
+
+    wanted = [p.strip() for p in str(patterns).split(",") if p.strip()]
+    if not wanted:
+        return None
+    template = nnx.to_pure_dict(model.template) if hasattr(model, "template") else {}
+    kernels = [
+        clx.tree.path_str(path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
+        if clx.tree.path_str(path).split("/")[-1] == "kernel" and len(leaf.shape) in (2, 4)
+    ]
+    unmatched = [w for w in wanted if not any(fnmatch.fnmatchcase(k, w) for k in kernels)]
+    if unmatched:
+        raise ValueError(f"layer patterns {unmatched} match no 2-D/4-D kernel of the model; its kernels: {kernels}.")
+    return [k for k in kernels if any(fnmatch.fnmatchcase(k, w) for w in wanted)]
 
 
 def _no_results(rule_state, member) -> dict:

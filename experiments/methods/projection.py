@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 import clx
-from experiments.methods._registry import Method, build_classifier, optimizer, register, swept
+from experiments.methods._registry import Method, build_classifier, layer_paths, optimizer, register, swept
 
 
 def gpm_config() -> ml_collections.ConfigDict:
@@ -22,6 +22,7 @@ def gpm_config() -> ml_collections.ConfigDict:
     g.threshold = (0.95, 0.99, 0.99)  # per projected layer, or one float (a sweep sets one value for every layer)
     g.num_samples = 300  # examples per task in the representation matrices (an int, or one per projected layer)
     g.freeze_vectors = False  # zero 1-D params' gradients (biases, batch norm) after task 0, as the authors' code
+    g.layers = ""  # '' = every Dense/Conv kernel; else comma-separated kernel paths or globs ('blocks/*/attn/*/kernel')
     return g
 
 
@@ -39,9 +40,10 @@ def _memory_args(config, hp, name: str) -> dict:
 
 
 def gpm_rule(config, model, hp=None):
-    """``clx.chain(clx.gpm(...), optimizer)``; ``hp``: a swept ``gpm.threshold`` (every layer) or ``train.lr``."""
-    del model
-    return clx.chain(clx.gpm(**_memory_args(config, hp, "gpm")), optimizer(config, hp))
+    """``clx.chain(clx.gpm(...), optimizer)``; ``hp``: a swept ``gpm.threshold`` (every layer) or ``train.lr``.
+    ``gpm.layers`` (paths or globs, ``layer_paths``) picks the projected kernels."""
+    layers = layer_paths(model, config.gpm.get("layers", ""))
+    return clx.chain(clx.gpm(**_memory_args(config, hp, "gpm"), layers=layers), optimizer(config, hp))
 
 
 def _basis_ranks(state_type, key: str):
@@ -82,9 +84,9 @@ def sgp_config() -> ml_collections.ConfigDict:
 
 def sgp_rule(config, model, hp=None):
     """``clx.chain(clx.sgp(...), optimizer)``; ``hp``: a swept ``sgp.threshold``, ``sgp.alpha`` or ``train.lr``."""
-    del model
     alpha = swept(config, hp, "sgp.alpha", float(config.sgp.alpha))
-    return clx.chain(clx.sgp(alpha=alpha, **_memory_args(config, hp, "sgp")), optimizer(config, hp))
+    layers = layer_paths(model, config.sgp.get("layers", ""))
+    return clx.chain(clx.sgp(alpha=alpha, **_memory_args(config, hp, "sgp"), layers=layers), optimizer(config, hp))
 
 
 def sgp_results(rule_state, member) -> dict:
@@ -559,5 +561,83 @@ OLORA = register(
         build_model=build_lora_model,
         evidence_samples=lambda config: 1,
         check=_check_olora,
+    )
+)
+
+
+# --- SVD-split (Nayak et al. 2025) -------------------------------------------------------------------------------
+
+#: ``svd_split.rank_rule`` values (``clx.projection.svd_split``'s).
+SVD_SPLIT_RANK_RULES = ("fraction", "adaptive")
+
+
+def svd_split_config() -> ml_collections.ConfigDict:
+    """``config.svd_split``: the released code's rank rule (Red-Hat-AI-Innovation-Team/orthogonal-subspace-learning,
+    ``notebooks/run_finetuning.sh``: s starts at 0.07 and grows by 0.07 per task; k = floor(max(d, m) s)).
+
+    The rule owns ``config.train``'s optimizer: it projects the gradient, steps, and projects the step, so the
+    frozen triplets stay exact under Adam too (``clx.projection.svd_split``'s docs).
+    """
+    c = ml_collections.ConfigDict()
+    c.fraction = 0.07  # s of the first task, in [0, 1)
+    c.fraction_step = 0.07  # added to s per task
+    c.rank_rule = "fraction"  # fraction (the released code) | adaptive (the paper's layer importance, from task 1)
+    c.min_retention = 0.5  # adaptive: k >= round(min_retention x min(d, m)) for a layer of mean importance ...
+    c.target_retention = 1.0  # ... up to target_retention x min(d, m) (the code's d/2 and d)
+    c.num_samples = 100  # adaptive: evidence examples per task for the importance
+    c.layers = ""  # '' = every Dense/Conv kernel; else comma-separated kernel paths or globs
+    c.reset_optimizer = True  # a fresh optimizer state per task (the authors run one script per task)
+    return c
+
+
+def _svd_split_args(config, model, hp) -> dict:
+    c = config.svd_split
+    return dict(
+        fraction=swept(config, hp, "svd_split.fraction", float(c.fraction)),
+        fraction_step=float(c.fraction_step),
+        rank_rule=str(c.rank_rule),
+        min_retention=float(c.min_retention),
+        target_retention=float(c.target_retention),
+        layers=None if model is None else layer_paths(model, c.layers),
+        reset_optimizer=bool(c.reset_optimizer),
+    )
+
+
+def svd_split_rule(config, model, hp=None):
+    """``clx.chain(clx.projection.svd_split(..., optimizer=optimizer))``; ``hp``: a swept ``svd_split.fraction``
+    or ``train.lr``."""
+    return clx.chain(clx.projection.svd_split(**_svd_split_args(config, model, hp), optimizer=optimizer(config, hp)))
+
+
+def _check_svd_split(config) -> None:
+    c = config.svd_split
+    if c.rank_rule not in SVD_SPLIT_RANK_RULES:
+        raise ValueError(
+            f"config.svd_split.rank_rule must be one of {SVD_SPLIT_RANK_RULES}, got {c.rank_rule!r} (fraction: the "
+            "released code's k = floor(max(d, m) s); adaptive: the paper's layer importance)."
+        )
+    clx.projection.svd_split(**_svd_split_args(config, None, None))
+
+
+def svd_split_results(rule_state, member) -> dict:
+    """``svd_split_frozen_ranks``: ``{kernel path: k}`` the state holds after the last task (what a next task
+    would freeze; the ranks of task t are the fraction rule's or the adaptive rule's at that boundary)."""
+    state = next(s for s in rule_state if isinstance(s, clx.projection.SVDSplitState))
+    return {
+        "svd_split_frozen_ranks": {
+            k: int(np.asarray(v) if member is None else np.asarray(v)[member]) for k, v in state.rank.items()
+        }
+    }
+
+
+SVD_SPLIT = register(
+    Method(
+        "svd_split",
+        svd_split_rule,
+        config=svd_split_config,
+        sweepable=("svd_split.fraction", "train.lr"),
+        results=svd_split_results,
+        evidence_samples=lambda config: int(config.svd_split.num_samples),
+        check=_check_svd_split,
     )
 )
