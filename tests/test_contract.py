@@ -67,6 +67,7 @@ CONTRACT = {
     "coso": _registered("coso"),
     "olora": _registered("olora"),
     "trgp": _registered("trgp"),
+    "svd_split": _registered("svd_split"),
     "hnet": _registered("hnet"),
     "ewc": _registered("ewc"),
     "online_ewc": _registered("online_ewc"),
