@@ -218,8 +218,9 @@ def build_classifier(config, stream, seed: int):
 def layer_paths(model, patterns: str) -> list[str] | None:
     """The 2-D / 4-D ``kernel`` paths of ``model``'s params matched by ``patterns``, in flattening order.
 
-    ``patterns``: comma-separated exact paths or ``fnmatch`` globs (``"blocks/*/attn/*/kernel"``: every
-    attention projection of a ViT); "" -> None (the rule's default: every kernel).
+    ``model``: a ``clx.FunctionalModel`` (its ``template``'s shapes) or a params pytree. ``patterns``:
+    comma-separated exact paths or ``fnmatch`` globs (``"blocks/*/attn/*/kernel"``: every attention
+    projection of a ViT); "" -> None (the rule's default: every kernel).
 
     Raises:
       ValueError: a pattern that matches no kernel (the message lists the kernels).
@@ -229,7 +230,12 @@ def layer_paths(model, patterns: str) -> list[str] | None:
     wanted = [p.strip() for p in str(patterns).split(",") if p.strip()]
     if not wanted:
         return None
-    template = nnx.to_pure_dict(model.template) if hasattr(model, "template") else {}
+    template = nnx.to_pure_dict(model.template) if hasattr(model, "template") else model
+    if not isinstance(template, dict):
+        raise ValueError(
+            f"choosing layers by name needs a clx.FunctionalModel or a params dict, got {type(model).__name__}; "
+            "leave the layers setting empty (every kernel)."
+        )
     kernels = [
         clx.tree.path_str(path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]

@@ -10,7 +10,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
 import clx
 from experiments.methods._registry import Method, build_classifier, layer_paths, optimizer, register, swept
@@ -389,31 +388,6 @@ def _split_names(spec: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in str(spec).split(",") if s.strip())
 
 
-def _kernels_matching(params, spec: str, who: str) -> list[str] | None:
-    """The kernel paths (``clx.projection.kernel_paths``: 2-D and 4-D ``kernel`` leaves) containing any of the
-    comma-separated substrings of ``spec``; None for ``spec == ""`` (every one). Raises ValueError when none
-    matches (the message lists the kernels)."""
-    names = _split_names(spec)
-    if not names:
-        return None
-    kernels = [p for p, _ in clx.projection.kernel_paths(params, who=who)]
-    chosen = [p for p in kernels if any(n in p for n in names)]
-    if not chosen:
-        raise ValueError(f"config.{who}.layers={spec!r} matches none of the model's kernels {kernels}.")
-    return chosen
-
-
-def _abstract_params(model):
-    """The params' shapes of a ``clx.FunctionalModel`` (nested dicts of ShapeDtypeStruct), for choosing layers."""
-    template = getattr(model, "template", None)
-    if template is None:
-        raise ValueError(
-            f"choosing layers by name needs a clx.FunctionalModel (its params' shapes), got {type(model).__name__}; "
-            "leave the layers setting empty (every kernel)."
-        )
-    return nnx.to_pure_dict(template)
-
-
 def coso_config() -> ml_collections.ConfigDict:
     """``config.coso``: CoSO (Cheng et al. 2025; quinn-ch/CoSO ``exps/*.json``, as read for ``clx.projection.coso``).
 
@@ -427,7 +401,7 @@ def coso_config() -> ml_collections.ConfigDict:
     c.update_every = 1  # K, steps between SVDs of the gradient (the code's update_gap: 1; 20 on DomainNet)
     c.threshold = 0.98  # energy of the sketch kept for the history at a task's end (the code: 0.98)
     c.decay = 1.0  # the sketch's decay before each merge (db_decay: 1.0)
-    c.layers = ""  # comma-separated substrings of kernel paths to project ('' every kernel; the code: 'attn/out')
+    c.layers = ""  # kernel paths or globs to project ('' every kernel; the code: 'blocks/*/attn/out/kernel' in a ViT)
     c.trainable = "all"  # the other params: all | '' (frozen, the code's backbone) | comma-separated prefixes ('head')
     c.side = "output"  # the subspace side: output (the code: rows of torch's (out, in) weight) | input
     return c
@@ -435,7 +409,7 @@ def coso_config() -> ml_collections.ConfigDict:
 
 def _coso_args(config, model) -> dict:
     c = config.coso
-    layers = _kernels_matching(_abstract_params(model), c.layers, "coso") if _split_names(c.layers) else None
+    layers = layer_paths(model, c.layers)
     trainable = None if str(c.trainable).strip() == "all" else _split_names(c.trainable)
     return dict(
         rank=int(c.rank),
@@ -504,7 +478,7 @@ def olora_config() -> ml_collections.ConfigDict:
     c.lambda_1 = 0.5  # orthogonality weight (the code's lamda_1)
     c.lambda_2 = 0.0  # L2 (Frobenius norm) on the new LoRA (lamda_2)
     c.orthogonality = "squared"  # squared (sum of squared entries of A_s A_t^T, as issue 13) | abs (the code's)
-    c.layers = ""  # comma-separated substrings of 2-D kernel paths ('' every one; the code: 'attn/query,attn/value')
+    c.layers = ""  # 2-D kernel paths or globs ('' every one; the code: q and v, 'blocks/*/attn/[qv]*/kernel')
     c.trainable = ""  # base params that also train, comma-separated prefixes ('head' for a task-IL MultiHead)
     return c
 
@@ -514,7 +488,7 @@ def build_lora_model(config, stream, seed: int):
     ``stream.num_tasks`` LoRAs on ``config.olora.layers``; returns (model, params)."""
     base, base_params = build_classifier(config, stream, seed)
     c = config.olora
-    layers = _kernels_matching(base_params, c.layers, "olora")
+    layers = layer_paths(base_params, c.layers)
     if layers is not None:
         layers = [p for p in layers if np.ndim(_leaf(base_params, p)) == 2]
     model = clx.projection.LoRAModel(
