@@ -19,6 +19,23 @@ def model(hidden=(32,), seed=0):
     return clx.FunctionalModel.from_module(clx.MLP(64, hidden, 10, use_bias=False, rngs=nnx.Rngs(seed)))
 
 
+class TinyCNN(nnx.Module):
+    """8x8x1 -> conv 3x3 (3 channels) - ReLU - maxpool 2 -> 3x3x3 -> conv 2x2 (4) - ReLU -> 2x2x4 -> flatten 16 -> 3.
+
+    conv1 -> conv2 is a "conv" transition (G = 4 window offsets), conv2 -> fc a "conv_dense" one (G = 4 positions);
+    the Conv case of the unit-replacing rules' tests (test_cbp, test_redo)."""
+
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(1, 3, (3, 3), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(3, 4, (2, 2), padding="VALID", rngs=rngs)
+        self.fc = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+        x = nnx.relu(self.conv2(x))
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
 def rule():
     return clx.chain(clx.gpm(0.95, num_samples=SAMPLES), optax.sgd(0.3))
 

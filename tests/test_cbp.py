@@ -6,6 +6,7 @@ zero outgoing weights and the bias absorption, the optimizer's moments zeroed, b
 One jitted step (Adam with a traced learning rate, rate and maturity) serves every test but the
 vmapped one: lr 0 leaves the params to the replacements alone."""
 
+import _cl_tiny  # tests/ is on sys.path under pytest
 import chex
 import jax
 import jax.numpy as jnp
@@ -241,24 +242,8 @@ def test_bad_layers_and_calls_raise():
 C1, C2, FC = "conv1/kernel", "conv2/kernel", "fc/kernel"
 
 
-class _TinyCNN(nnx.Module):
-    """8x8x1 -> conv 3x3 (3 channels) - ReLU - maxpool 2 -> 3x3x3 -> conv 2x2 (4) - ReLU -> 2x2x4 -> flatten 16 -> 3.
-
-    conv1 -> conv2 is a "conv" transition (G = 4 window offsets), conv2 -> fc a "conv_dense" one (G = 4 positions)."""
-
-    def __init__(self, rngs):
-        self.conv1 = nnx.Conv(1, 3, (3, 3), padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(3, 4, (2, 2), padding="VALID", rngs=rngs)
-        self.fc = nnx.Linear(16, 3, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-        x = nnx.relu(self.conv2(x))
-        return self.fc(x.reshape(x.shape[0], -1))
-
-
 def _cnn(seed=0):
-    return clx.FunctionalModel.from_module(_TinyCNN(nnx.Rngs(seed)))
+    return clx.FunctionalModel.from_module(_cl_tiny.TinyCNN(nnx.Rngs(seed)))
 
 
 def _images(seed=1):

@@ -4,6 +4,7 @@ before the period, the output kept when the recycled units were silent, vmapped 
 
 One jitted step (Adam with a traced learning rate, tau and period) serves most tests."""
 
+import _cl_tiny  # tests/ is on sys.path under pytest
 import chex
 import jax
 import jax.numpy as jnp
@@ -186,20 +187,6 @@ def test_bad_layers_and_calls_raise():
 C1, C2, FC = "conv1/kernel", "conv2/kernel", "fc/kernel"
 
 
-class _TinyCNN(nnx.Module):
-    """8x8x1 -> conv 3x3 (3) - ReLU - maxpool 2 -> 3x3x3 -> conv 2x2 (4) - ReLU -> 2x2x4 -> flatten 16 -> 3."""
-
-    def __init__(self, rngs):
-        self.conv1 = nnx.Conv(1, 3, (3, 3), padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(3, 4, (2, 2), padding="VALID", rngs=rngs)
-        self.fc = nnx.Linear(16, 3, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-        x = nnx.relu(self.conv2(x))
-        return self.fc(x.reshape(x.shape[0], -1))
-
-
 def kept_out(gone):
     return [c for c in range(4) if c not in gone]
 
@@ -222,7 +209,7 @@ def test_channel_score_is_the_mean_over_batch_and_positions():
 
 @pytest.mark.parametrize("tau,gone1,gone2", [(0.1, [1], [0]), (0.4, [1], [0, 3]), (0.0, [], [0])])
 def test_conv_channels_recycled_by_their_score_on_the_taps(tau, gone1, gone2):
-    _, p = clx.FunctionalModel.from_module(_TinyCNN(nnx.Rngs(0)))
+    _, p = clx.FunctionalModel.from_module(_cl_tiny.TinyCNN(nnx.Rngs(0)))
     act1 = np.ones((N, 3, 3, 3), np.float32)  # conv1's pooled maps as conv2's 2x2 windows read them
     act1[..., 1] = 0.0
     act1[:, 1, 1, 1] = 0.2  # only at the center, which 4 of the 16 window taps read: 0.05 (the plain mean: 0.022)
@@ -247,7 +234,7 @@ def test_conv_channels_recycled_by_their_score_on_the_taps(tau, gone1, gone2):
 
 
 def test_conv_recycling_keeps_the_function_and_zeroes_the_moments_of_exactly_those_channels():
-    m, p = clx.FunctionalModel.from_module(_TinyCNN(nnx.Rngs(3)))
+    m, p = clx.FunctionalModel.from_module(_cl_tiny.TinyCNN(nnx.Rngs(3)))
     p["conv1"]["kernel"] = p["conv1"]["kernel"].at[..., 1].set(0.0)  # conv1's channel 1 and conv2's channel 0 silent
     p["conv1"]["bias"] = jnp.array([1.0, -1.0, 1.0])
     p["conv2"]["kernel"] = jnp.abs(p["conv2"]["kernel"]).at[..., 0].set(0.0)  # the others active (inputs >= 0)
