@@ -71,6 +71,7 @@ import optax
 from clx import subspace as sub
 from clx.core import ContinualTransformation, Evidence
 from clx.projection._common import (
+    check_adam,
     check_finite,
     check_kernel_shape,
     check_per_layer,
@@ -249,11 +250,7 @@ def adam_nscl(
         later = concrete_float(later_learning_rate)
         if later is not None and not later > 0:
             raise ValueError(f"{name}: later_learning_rate must be > 0 or None, got {later_learning_rate}.")
-    for what, v in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= float(v) < 1.0:
-            raise ValueError(f"{name}: {what} must be in [0, 1), got {v}.")
-    if not float(eps) >= 0:
-        raise ValueError(f"{name}: eps must be >= 0, got {eps}.")
+    check_adam(name, b1, b2, eps)
     if not float(weight_decay) >= 0:
         raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}.")
     if covariance not in COVARIANCES:

@@ -158,6 +158,15 @@ def check_kernel_shape(who: str, path, g, d: int, x=None) -> None:
         )
 
 
+def check_adam(who: str, b1, b2, eps) -> None:
+    """ValueError unless Adam's decay rates are in [0, 1) and its eps >= 0 (the rules that own an Adam)."""
+    for what, v in (("b1", b1), ("b2", b2)):
+        if not 0.0 <= float(v) < 1.0:
+            raise ValueError(f"{who}: {what} must be in [0, 1), got {v}.")
+    if not float(eps) >= 0:
+        raise ValueError(f"{who}: eps must be >= 0, got {eps}.")
+
+
 def check_finite(who: str, what: str, a) -> None:
     """Raises ValueError if a concrete array holds NaN/inf; under tracing, a ``checkify`` check (reported
     under ``checkify.checkify``, dropped otherwise: the trainer checks the evidence itself)."""

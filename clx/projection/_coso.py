@@ -65,7 +65,7 @@ import optax
 
 from clx import subspace as sub
 from clx.core import ContinualTransformation, Evidence
-from clx.projection._common import check_per_layer, kernel_paths, per_layer
+from clx.projection._common import check_adam, check_per_layer, kernel_paths, per_layer
 from clx.tree import concrete, path_str
 
 SIDES = ("output", "input")
@@ -288,11 +288,7 @@ def coso(
         raise ValueError(f"{name}: decay must be >= 0, got {decay} (the code uses 1.0).")
     if side not in SIDES:
         raise ValueError(f"{name}: side must be one of {SIDES}, got {side!r}.")
-    for what, v in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= float(v) < 1.0:
-            raise ValueError(f"{name}: {what} must be in [0, 1), got {v}.")
-    if not float(eps) >= 0:
-        raise ValueError(f"{name}: eps must be >= 0, got {eps}.")
+    check_adam(name, b1, b2, eps)
     opt = inner if inner is not None else optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
     trainable = None if trainable is None else tuple(trainable)
 
