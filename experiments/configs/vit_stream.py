@@ -49,6 +49,11 @@ the same pretrained params; ACC / BWT in %, mean +- std (ddof 0) over the seeds)
     gpm        3      45.30 +- 1.35  -30.13 +- 2.35  558
     svd_split  3      45.99 +- 3.70  -33.89 +- 3.95  655
     joint      1      84.25          +8.97           1,609
+    coso       3      38.43 +- 0.07  -2.67 +- 0.24   144   (layers blocks/*/attn/out/kernel, trainable head, lr 1e-3)
+    olora      3      42.88 +- 1.21  -16.38 +- 1.40  116   (layers blocks/*/attn/[qv]*/kernel, trainable head)
+
+(coso and olora were run later on a quieter machine: their wall times are not comparable with the others';
+they are not in ``method`` by default.)
 
 (per seed: finetune 41.05 / 35.81 / 37.41, gpm 44.25 / 47.20 / 44.44, svd_split
 49.93 / 47.02 / 41.03; the evaluation of 10,000 test images per seen task takes most of
