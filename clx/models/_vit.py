@@ -60,10 +60,34 @@ class Attention(nnx.Module):
         return self.out(o)
 
 
-class Block(nnx.Module):
-    """A pre-LN encoder block: ``x + attn(norm1(x))``, then ``x + fc2(gelu(fc1(norm2(x))))``."""
+def _quick_gelu(x):
+    """``x * sigmoid(1.702 x)``: transformers' ``QuickGELUActivation`` (``ACT2FN["quick_gelu"]``), CLIP's MLP."""
+    return x * jax.nn.sigmoid(1.702 * x)
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, use_bias: bool, kernel_init, eps: float, *, rngs):
+
+#: The MLP activations a :class:`ViT` may use: exact (erf) GELU, or CLIP's quick GELU.
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": _quick_gelu,
+}
+
+
+class Block(nnx.Module):
+    """A pre-LN encoder block: ``x + attn(norm1(x))``, then ``x + fc2(act(fc1(norm2(x))))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        use_bias: bool,
+        kernel_init,
+        eps: float,
+        *,
+        rngs,
+        activation: str = "gelu",
+    ):
+        self.activation = activation
         self.norm1 = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
         self.attn = Attention(dim, heads, use_bias, kernel_init, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
@@ -72,8 +96,8 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         x = x + self.attn(self.norm1(x))
-        # exact (erf) GELU: transformers' "gelu" (ACT2FN), so hub weights give their logits
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        # "gelu": exact (erf) GELU, transformers' "gelu" (ACT2FN), so hub weights give their logits
+        return x + self.fc2(ACTIVATIONS[self.activation](self.fc1(self.norm2(x))))
 
 
 class ViT(nnx.Module):
@@ -93,13 +117,26 @@ class ViT(nnx.Module):
       ``x + fc2(gelu(fc1(norm2(x))))`` (exact erf GELU);
     - ``norm`` (LayerNorm) of the class token, ``head``: (batch, num_outputs) logits.
 
+    CLIP options (all off by default: a default ViT computes today's function with today's
+    params): ``pre_norm=True`` adds a LayerNorm ``pre_norm`` on the (batch, n + 1, dim)
+    tokens after the position embedding, before the blocks; ``activation="quick_gelu"``
+    uses ``x * sigmoid(1.702 x)`` in every MLP; ``patch_bias=False`` drops the patch
+    embedding's bias; ``projection_dim=k`` adds ``proj``, a bias-free Linear dim -> k on the
+    normed class token, and the head then reads the (batch, k) projection. With
+    ``pre_norm=True, activation="quick_gelu", patch_bias=False, projection_dim=512,
+    layer_norm_eps=1e-5`` the ViT computes Hugging Face's ``CLIPVisionModelWithProjection``
+    image embeddings (before the head): see :func:`clip_vision_name_map`.
+
     Params (``nnx.to_pure_dict`` paths): ``patch_embed/{kernel (p*p*c, dim), bias}``,
     ``cls_token`` (1, 1, dim), ``pos_embed`` (1, n + 1, dim),
     ``blocks/{i}/norm1/{scale, bias}``, ``blocks/{i}/attn/{query, key, value, out}/{kernel
     (dim, dim), bias}``, ``blocks/{i}/norm2/{scale, bias}``, ``blocks/{i}/fc1/{kernel (dim,
     mlp_dim), bias}``, ``blocks/{i}/fc2/{kernel (mlp_dim, dim), bias}``, ``norm/{scale,
     bias}``, and ``head/{kernel, bias}``: (dim, k) for the shared ``nnx.Linear`` head, or
-    (num_heads, dim, k) and (num_heads, k) for a task-IL ``clx.models.MultiHead``.
+    (num_heads, dim, k) and (num_heads, k) for a task-IL ``clx.models.MultiHead``. The CLIP
+    options add ``pre_norm/{scale, bias}`` (dim,) and ``proj/kernel`` (dim, projection_dim)
+    (the head's input width then ``projection_dim``), and ``patch_bias=False`` removes
+    ``patch_embed/bias``; every other path is the same.
 
     Taps (``clx.FunctionalModel.apply_with_taps``): every ``nnx.Linear`` is applied once
     per forward; its input has leading axes flattened, so ``patch_embed/kernel`` gets
@@ -130,10 +167,18 @@ class ViT(nnx.Module):
         ``MlpBlock`` init in vit_jax; default), 'torch' or 'lecun'. Biases start at zero, LayerNorms at
         scale 1 / bias 0, ``cls_token`` and ``pos_embed`` at N(0, 0.02^2).
       layer_norm_eps: epsilon of every LayerNorm (1e-6, the original ViT's; 1e-12 for
-        Hugging Face weights).
+        Hugging Face ViT weights; 1e-5 for CLIP's, ``CLIPVisionConfig``'s default).
+      pre_norm: a LayerNorm on the tokens before the blocks (CLIP's ``pre_layrnorm``).
+      activation: the MLP activation, ``"gelu"`` (exact erf GELU) or ``"quick_gelu"``
+        (``x * sigmoid(1.702 x)``, CLIP's ``hidden_act``).
+      patch_bias: a bias on the patch embedding; None (default) follows ``use_bias``
+        (CLIP's patch conv has none: pass False).
+      projection_dim: None (default) or the width of a bias-free Linear ``proj`` between
+        the normed class token and the head (CLIP's ``visual_projection``, 512 for
+        ViT-B/32).
 
     Raises:
-      ValueError: an unknown init, non-positive sizes, H or W not a multiple of
+      ValueError: an unknown init or activation, non-positive sizes or projection_dim, H or W not a multiple of
         ``patch_size``, ``dim`` not a multiple of ``attention_heads``; at call,
         inputs that are neither (batch, *input_shape) nor flat.
     """
@@ -152,10 +197,20 @@ class ViT(nnx.Module):
         use_bias: bool = True,
         init: str = "xavier",
         layer_norm_eps: float = 1e-6,
+        pre_norm: bool = False,
+        activation: str = "gelu",
+        patch_bias: bool | None = None,
+        projection_dim: int | None = None,
         rngs: nnx.Rngs,
     ):
         if init not in _INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {sorted(_INITS)}.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ViT: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        if projection_dim is not None and int(projection_dim) < 1:
+            raise ValueError(
+                f"ViT: projection_dim must be a positive int or None (no projection), got {projection_dim!r}."
+            )
         h, w, c = (int(s) for s in input_shape)
         p, dim, depth, attention_heads, mlp_dim = map(int, (patch_size, dim, depth, attention_heads, mlp_dim))
         _check_sizes(
@@ -182,15 +237,26 @@ class ViT(nnx.Module):
         self.input_shape = (h, w, c)
         self.patch_size = p
         self.num_patches = (h // p) * (w // p)
-        self.patch_embed = nnx.Linear(p * p * c, dim, use_bias=use_bias, kernel_init=kinit, rngs=rngs)
+        patch_bias = use_bias if patch_bias is None else bool(patch_bias)
+        self.patch_embed = nnx.Linear(p * p * c, dim, use_bias=patch_bias, kernel_init=kinit, rngs=rngs)
         self.cls_token = nnx.Param(_EMBED_INIT(rngs.params(), (1, 1, dim), jnp.float32))
         self.pos_embed = nnx.Param(_EMBED_INIT(rngs.params(), (1, self.num_patches + 1, dim), jnp.float32))
         eps = float(layer_norm_eps)
+        # only when asked, so a default ViT's params (and its saved checkpoints) keep their paths
+        self.pre_norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs) if pre_norm else None
         self.blocks = nnx.List(
-            [Block(dim, attention_heads, mlp_dim, use_bias, kinit, eps, rngs=rngs) for _ in range(depth)]
+            [
+                Block(dim, attention_heads, mlp_dim, use_bias, kinit, eps, rngs=rngs, activation=activation)
+                for _ in range(depth)
+            ]
         )
         self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
-        self.head = _head(dim, int(num_outputs), int(num_heads), use_bias, kinit, rngs)
+        width = dim
+        self.proj = None
+        if projection_dim is not None:
+            width = int(projection_dim)
+            self.proj = nnx.Linear(dim, width, use_bias=False, kernel_init=kinit, rngs=rngs)
+        self.head = _head(width, int(num_outputs), int(num_heads), use_bias, kinit, rngs)
 
     def patches(self, x):
         """(batch, H, W, C) or flat images -> (batch, n, p*p*c) patches (order in the class docs)."""
@@ -205,9 +271,14 @@ class ViT(nnx.Module):
         b, _, dim = tokens.shape
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, dim))
         x = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...]
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x)
-        return _apply_head(self.head, self.norm(x[:, 0]), task_id)
+        features = self.norm(x[:, 0])
+        if self.proj is not None:
+            features = self.proj(features)
+        return _apply_head(self.head, features, task_id)
 
 
 # --------------------------------------------------------------------------- #
