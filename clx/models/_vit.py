@@ -10,7 +10,9 @@
   checkpoint directory (``orbax.checkpoint.StandardCheckpointer``).
 - :func:`from_safetensors` with :func:`hf_vit_name_map`: weights as model hubs publish
   them (PyTorch names, (out, in) Linear weights), mapped onto a :class:`ViT` by the
-  names of Hugging Face ``transformers``' ``ViTModel`` / ``ViTForImageClassification``.
+  names of Hugging Face ``transformers``' ``ViTModel`` / ``ViTForImageClassification``;
+  with :func:`clip_vision_name_map`, CLIP's vision tower (``CLIPVisionModel``,
+  ``CLIPVisionModelWithProjection``, ``CLIPModel`` files) onto a ViT with the CLIP options.
 """
 
 from __future__ import annotations
@@ -407,11 +409,17 @@ def _same(w: np.ndarray) -> np.ndarray:
     return w
 
 
+def _token_rows(w: np.ndarray) -> np.ndarray:
+    """CLIP's ``class_embedding`` (dim,) -> (1, 1, dim); ``position_embedding.weight`` (n, dim) -> (1, n, dim)."""
+    return w.reshape((1,) * (3 - w.ndim) + w.shape) if w.ndim < 3 else w
+
+
 #: Conversions a name map may name: the PyTorch tensor -> the Flax param.
 CONVERSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": _linear_weight,  # (out, in) weight -> (in, out) kernel
     "patch_conv": _patch_conv_weight,  # Conv2d (dim, c, p, p) -> (p*p*c, dim)
     "same": _same,  # biases, LayerNorm weight -> scale / bias -> bias, cls token, position embedding
+    "token_rows": _token_rows,  # CLIP's (dim,) class embedding / (n, dim) position table -> (1, 1 or n, dim)
 }
 
 
@@ -455,20 +463,7 @@ def hf_vit_name_map(model: ViT, prefix: str = "", classifier: str | None = "clas
     Returns:
       ``{pytorch name: (clx param path, conversion)}``, conversions from :data:`CONVERSIONS`.
     """
-    has_bias = model.patch_embed.bias is not None
-
-    def linear(torch_name: str, path: str, conv: str = "linear") -> dict:
-        out = {f"{prefix}{torch_name}.weight": (f"{path}/kernel", conv)}
-        if has_bias:
-            out[f"{prefix}{torch_name}.bias"] = (f"{path}/bias", "same")
-        return out
-
-    def norm(torch_name: str, path: str) -> dict:
-        return {
-            f"{prefix}{torch_name}.weight": (f"{path}/scale", "same"),
-            f"{prefix}{torch_name}.bias": (f"{path}/bias", "same"),
-        }
-
+    linear, norm = _map_helpers(model, prefix)
     m = {
         **linear("embeddings.patch_embeddings.projection", "patch_embed", "patch_conv"),
         f"{prefix}embeddings.cls_token": ("cls_token", "same"),
@@ -488,6 +483,108 @@ def hf_vit_name_map(model: ViT, prefix: str = "", classifier: str | None = "clas
         m[f"{classifier}.weight"] = ("head/kernel", "linear")
         if model.head.bias is not None:
             m[f"{classifier}.bias"] = ("head/bias", "same")
+    return m
+
+
+def _map_helpers(model: nnx.Module, prefix: str):
+    """``linear`` and ``norm`` map-entry builders (PyTorch name, clx path); a bias only where the model has one."""
+    have = set(_flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+    def linear(torch_name: str, path: str, conv: str = "linear") -> dict:
+        out = {f"{prefix}{torch_name}.weight": (f"{path}/kernel", conv)}
+        if f"{path}/bias" in have:
+            out[f"{prefix}{torch_name}.bias"] = (f"{path}/bias", "same")
+        return out
+
+    def norm(torch_name: str, path: str) -> dict:
+        return {
+            f"{prefix}{torch_name}.weight": (f"{path}/scale", "same"),
+            f"{prefix}{torch_name}.bias": (f"{path}/bias", "same"),
+        }
+
+    return linear, norm
+
+
+#: The tensors of a Hugging Face ``CLIPModel`` file (``openai/clip-vit-base-patch32``'s
+#: ``model.safetensors``) outside the vision tower: ``from_safetensors(..., ignore=CLIP_NON_VISION)``.
+#: ``position_ids`` is a buffer (``persistent=False`` in today's transformers; older files carry it).
+CLIP_NON_VISION = ("text_model.", "text_projection.", "logit_scale", "vision_model.embeddings.position_ids")
+
+
+def clip_vision_name_map(
+    model: ViT, prefix: str = "vision_model.", projection: str | None = "visual_projection"
+) -> dict[str, tuple[str, str]]:
+    """Hugging Face ``transformers`` CLIP vision-tower names -> :class:`ViT` param paths and conversions.
+
+    For ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPModel`` files (e.g.
+    ``openai/clip-vit-base-patch32``, FusionBench's merging backbone) into a ViT built with
+    ``pre_norm=True, activation="quick_gelu", patch_bias=False, layer_norm_eps=1e-5`` (and
+    ``projection_dim=512`` to load the projection). Checked against
+    ``transformers/models/clip/modeling_clip.py`` (stored huggingface/transformers source):
+    ``CLIPVisionEmbeddings`` (a bias-free Conv2d ``patch_embedding`` of stride p, a (dim,)
+    ``class_embedding`` prepended, ``position_embedding`` an ``nn.Embedding(n + 1, dim)``
+    added), ``CLIPVisionTransformer.forward`` (``pre_layrnorm`` on all tokens, the encoder,
+    ``post_layernorm`` on token 0 only), ``CLIPEncoderLayer`` (pre-LN: ``layer_norm1``,
+    ``self_attn``, residual, ``layer_norm2``, ``mlp``, residual), ``CLIPAttention``
+    (``q_proj``/``k_proj``/``v_proj``/``out_proj`` with biases, heads split as
+    ``view(b, n, -1, head_dim)``, scale ``head_dim ** -0.5``), ``CLIPMLP`` (``fc1``,
+    ``ACT2FN[hidden_act]``, ``fc2``; ``QuickGELUActivation`` is ``x * sigmoid(1.702 x)`` in
+    ``activations.py``), ``visual_projection = nn.Linear(hidden, projection_dim,
+    bias=False)``; ``configuration_clip.py``: ``CLIPVisionConfig`` defaults ``hidden_act=
+    "quick_gelu"``, ``layer_norm_eps=1e-5`` (every LayerNorm), 768 wide, 12 layers, 12
+    heads, 3072 MLP, patch 32, image 224, projection 512. Per layer ``i``:
+
+    ==================================================  ==============================  ==========
+    PyTorch name (``{prefix}`` first)                    clx param                       conversion
+    ==================================================  ==============================  ==========
+    ``embeddings.patch_embedding.weight`` (no bias)      ``patch_embed/kernel``          patch_conv
+    ``embeddings.class_embedding`` (dim,)                ``cls_token`` (1, 1, dim)       token_rows
+    ``embeddings.position_embedding.weight`` (n+1, dim)  ``pos_embed`` (1, n+1, dim)     token_rows
+    ``pre_layrnorm.weight`` / ``.bias`` (sic)            ``pre_norm/scale`` / ``bias``   same
+    ``encoder.layers.{i}.layer_norm1.weight`` / ``bias``  ``blocks/{i}/norm1/...``        same
+    ``encoder.layers.{i}.self_attn.q_proj.weight``       ``blocks/{i}/attn/query/kernel``  linear
+    (``k_proj`` -> key, ``v_proj`` -> value, ``out_proj`` -> out; ``.bias`` -> ``/bias``)
+    ``encoder.layers.{i}.layer_norm2.weight`` / ``bias``  ``blocks/{i}/norm2/...``        same
+    ``encoder.layers.{i}.mlp.fc1.weight`` / ``.bias``    ``blocks/{i}/fc1/...``          linear
+    ``encoder.layers.{i}.mlp.fc2.weight`` / ``.bias``    ``blocks/{i}/fc2/...``          linear
+    ``post_layernorm.weight`` / ``.bias``                ``norm/scale`` / ``norm/bias``  same
+    ``{projection}.weight`` (no prefix; proj_dim, dim)   ``proj/kernel`` (dim, proj_dim)  linear
+    ==================================================  ==============================  ==========
+
+    No head is mapped: CLIP classifies zero-shot with its text tower (not supported
+    here); load with ``keep=("head",)`` and train the ViT's own head (or a
+    ``MultiHead``). Inputs: (batch, 224, 224, 3) NHWC images normalised as CLIP's image
+    processor does (resize, centre crop, CLIP's mean/std), the same pixels as the
+    PyTorch model's NCHW ``pixel_values``.
+
+    Args:
+      model: the :class:`ViT` to load into (its depth and biases decide the entries).
+      prefix: put before every vision-tower name: ``"vision_model."`` for
+        ``CLIPVisionModel*`` and ``CLIPModel`` files.
+      projection: the name of the projection Linear (``"visual_projection"``), or None
+        for a ``CLIPVisionModel`` file and a ViT without ``projection_dim``.
+
+    Returns:
+      ``{pytorch name: (clx param path, conversion)}``, conversions from :data:`CONVERSIONS`.
+    """
+    linear, norm = _map_helpers(model, prefix)
+    m = {
+        **linear("embeddings.patch_embedding", "patch_embed", "patch_conv"),
+        f"{prefix}embeddings.class_embedding": ("cls_token", "token_rows"),
+        f"{prefix}embeddings.position_embedding.weight": ("pos_embed", "token_rows"),
+        **norm("pre_layrnorm", "pre_norm"),
+    }
+    for i in range(len(model.blocks)):
+        t, b = f"encoder.layers.{i}", f"blocks/{i}"
+        m.update(norm(f"{t}.layer_norm1", f"{b}/norm1"))
+        for name, path in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("out_proj", "out")):
+            m.update(linear(f"{t}.self_attn.{name}", f"{b}/attn/{path}"))
+        m.update(norm(f"{t}.layer_norm2", f"{b}/norm2"))
+        m.update(linear(f"{t}.mlp.fc1", f"{b}/fc1"))
+        m.update(linear(f"{t}.mlp.fc2", f"{b}/fc2"))
+    m.update(norm("post_layernorm", "norm"))
+    if projection is not None:
+        m[f"{projection}.weight"] = ("proj/kernel", "linear")
     return m
 
 
