@@ -143,9 +143,10 @@ class ViT(nnx.Module):
     Taps (``clx.FunctionalModel.apply_with_taps``): every ``nnx.Linear`` is applied once
     per forward; its input has leading axes flattened, so ``patch_embed/kernel`` gets
     (batch * n, p*p*c), each block's Linears (batch * (n + 1), d_in) (query, key and value
-    the same rows), and the shared head (batch, dim). ``clx.gpm`` projects all of them by
-    default (its representations count ``n + 1`` columns per example, as a conv layer's
-    positions); the 3-D ``cls_token``/``pos_embed`` and a ``MultiHead`` are never projected.
+    the same rows), ``proj`` (batch, dim) and the shared head (batch, dim or projection_dim).
+    ``clx.gpm`` projects all of them by default (its representations count ``n + 1`` columns
+    per example, as a conv layer's positions); the 3-D ``cls_token``/``pos_embed`` and a
+    ``MultiHead`` are never projected.
 
     Differences from the paper: no dropout (clx models are pure functions without RNG
     state); the head is one Linear on the class token (the paper pretrains with an MLP
@@ -253,11 +254,9 @@ class ViT(nnx.Module):
             ]
         )
         self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
-        width = dim
-        self.proj = None
-        if projection_dim is not None:
-            width = int(projection_dim)
-            self.proj = nnx.Linear(dim, width, use_bias=False, kernel_init=kinit, rngs=rngs)
+        width = dim if projection_dim is None else int(projection_dim)
+        proj = nnx.Linear(dim, width, use_bias=False, kernel_init=kinit, rngs=rngs) if projection_dim else None
+        self.proj = proj
         self.head = _head(width, int(num_outputs), int(num_heads), use_bias, kinit, rngs)
 
     def patches(self, x):
