@@ -336,3 +336,179 @@ def test_pretrain_script_saves_params_that_load_back_to_its_accuracy(tmp_path, d
     assert np.mean(pred == digits.y_test) == pytest.approx(info["test_accuracy"], abs=1e-9)
     with pytest.raises(ValueError, match="already holds params/"):
         pretrain_vit.main(argv)
+
+
+# --------------------------------------------------------------------------- #
+# CLIP's vision tower (Hugging Face CLIPVisionModelWithProjection names)
+# --------------------------------------------------------------------------- #
+
+CLIP_TINY = dict(
+    patch_size=4,
+    dim=8,
+    depth=2,
+    attention_heads=2,
+    mlp_dim=16,
+    pre_norm=True,
+    activation="quick_gelu",
+    patch_bias=False,
+    projection_dim=6,
+    layer_norm_eps=1e-5,
+)  # 8x8x3 images: 4 patches, 5 tokens
+
+
+def _clip_tensors(seed=0, dim=8, depth=2, p=4, c=3, n=4, mlp=16, proj=6):
+    """A random CLIPModel-shaped state dict (vision tower, projection, a stand-in text tower), PyTorch layout."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
+    v = "vision_model."
+    t = {
+        f"{v}embeddings.patch_embedding.weight": r(dim, c, p, p),
+        f"{v}embeddings.class_embedding": r(dim),
+        f"{v}embeddings.position_embedding.weight": r(n + 1, dim),
+        "visual_projection.weight": r(proj, dim),
+        "text_model.embeddings.token_embedding.weight": r(5, dim),
+        "text_projection.weight": r(proj, dim),
+        "logit_scale": np.array(2.6592, np.float32),
+    }
+    for name in ("pre_layrnorm", "post_layernorm"):
+        t[f"{v}{name}.weight"], t[f"{v}{name}.bias"] = 1 + r(dim), r(dim)
+    for i in range(depth):
+        L = f"{v}encoder.layers.{i}."
+        for name in ("layer_norm1", "layer_norm2"):
+            t[f"{L}{name}.weight"], t[f"{L}{name}.bias"] = 1 + r(dim), r(dim)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            t[f"{L}self_attn.{name}.weight"], t[f"{L}self_attn.{name}.bias"] = r(dim, dim), r(dim)
+        t[f"{L}mlp.fc1.weight"], t[f"{L}mlp.fc1.bias"] = r(mlp, dim), r(mlp)
+        t[f"{L}mlp.fc2.weight"], t[f"{L}mlp.fc2.bias"] = r(dim, mlp), r(dim)
+    return t
+
+
+def _clip_image_embeds_numpy(t, x, heads=2, p=4, depth=2, eps=1e-5):
+    """CLIPVisionModelWithProjection's image_embeds (transformers modeling_clip.py) in float64 numpy:
+    CLIPVisionEmbeddings (bias-free stride-p conv, class_embedding first, position_embedding added),
+    pre_layrnorm, CLIPEncoderLayers (layer_norm1, self_attn scaled head_dim**-0.5, residual, layer_norm2,
+    fc1, quick_gelu x*sigmoid(1.702x), fc2, residual), post_layernorm on token 0, visual_projection."""
+    t = {k: np.asarray(a, np.float64) for k, a in t.items()}
+    v = "vision_model."
+
+    def ln(h, name):
+        mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        return (h - mu) / np.sqrt(var + eps) * t[f"{name}.weight"] + t[f"{name}.bias"]
+
+    def linear(h, name):
+        return h @ t[f"{name}.weight"].T + t[f"{name}.bias"]
+
+    xc = x.transpose(0, 3, 1, 2).astype(np.float64)  # pixel_values, NCHW
+    b, c, hh, ww = xc.shape
+    w = t[f"{v}embeddings.patch_embedding.weight"]
+    dim = w.shape[0]
+    # Conv2d(kernel p, stride p, bias=False) then flatten(2).transpose(1, 2): the grid row-major
+    emb = np.einsum("bchpwq,dcpq->bhwd", xc.reshape(b, c, hh // p, p, ww // p, p), w).reshape(b, -1, dim)
+    cls = np.broadcast_to(t[f"{v}embeddings.class_embedding"], (b, 1, dim))
+    h = np.concatenate([cls, emb], 1) + t[f"{v}embeddings.position_embedding.weight"]
+    h = ln(h, f"{v}pre_layrnorm")
+    n, hd = h.shape[1], dim // heads
+    for i in range(depth):
+        L = f"{v}encoder.layers.{i}"
+        a = ln(h, f"{L}.layer_norm1")
+        q, k, vv = (
+            linear(a, f"{L}.self_attn.{m}").reshape(b, n, heads, hd).transpose(0, 2, 1, 3)
+            for m in ("q_proj", "k_proj", "v_proj")
+        )
+        s = q @ k.transpose(0, 1, 3, 2) * hd**-0.5
+        s = np.exp(s - s.max(-1, keepdims=True))
+        ctx = ((s / s.sum(-1, keepdims=True)) @ vv).transpose(0, 2, 1, 3).reshape(b, n, dim)
+        h = h + linear(ctx, f"{L}.self_attn.out_proj")
+        m = linear(ln(h, f"{L}.layer_norm2"), f"{L}.mlp.fc1")
+        h = h + linear(m / (1 + np.exp(-1.702 * m)), f"{L}.mlp.fc2")
+    pooled = ln(h[:, 0], f"{v}post_layernorm")
+    return pooled @ t["visual_projection.weight"].T
+
+
+def test_clip_vision_safetensors_load_to_the_transformers_forward(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = _clip_tensors()
+    save_file(tensors, str(tmp_path / "clip.safetensors"))
+    vit = ViT((8, 8, 3), 3, **CLIP_TINY, rngs=nnx.Rngs(0))
+    model, own = clx.FunctionalModel.from_module(vit)
+    params = clx.models.from_safetensors(
+        tmp_path / "clip.safetensors",
+        vit,
+        clx.models.clip_vision_name_map(vit),
+        ignore=clx.models.CLIP_NON_VISION,
+        keep=("head",),  # CLIP has no classifier: the ViT's own head stays
+    )
+    f = _flat(params)
+    np.testing.assert_array_equal(f["cls_token"], tensors["vision_model.embeddings.class_embedding"][None, None])
+    np.testing.assert_array_equal(f["proj/kernel"], tensors["visual_projection.weight"].T)
+    np.testing.assert_array_equal(f["head/kernel"], _flat(own)["head/kernel"])
+    assert "patch_embed/bias" not in f and f["pre_norm/scale"].shape == (8,)
+    x = np.random.default_rng(1).standard_normal((3, 8, 8, 3)).astype(np.float32)
+    embeds = _clip_image_embeds_numpy(tensors, x)  # (3, 6)
+    want = embeds @ f["head/kernel"].astype(np.float64) + f["head/bias"]
+    np.testing.assert_allclose(jax.jit(model.apply)(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_vision_errors_list_missing_and_unexpected_names(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = _clip_tensors()
+    del tensors["vision_model.encoder.layers.1.mlp.fc2.bias"]
+    tensors["vision_model.encoder.layers.0.extra.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    vit = nnx.eval_shape(lambda: ViT((8, 8, 3), 3, **CLIP_TINY, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError) as e:  # the text tower not ignored, a bias missing, a stray tensor
+        clx.models.from_safetensors(tmp_path / "bad.safetensors", vit, clx.models.clip_vision_name_map(vit))
+    msg = str(e.value)
+    assert "params of the model not in the file (pass keep=... to keep the model's own): ['blocks/1/fc2/bias'" in msg
+    assert "'head/bias', 'head/kernel']" in msg
+    assert (
+        "tensors of the file not in the name map (pass ignore=... to skip them): ['logit_scale', "
+        "'text_model.embeddings.token_embedding.weight', 'text_projection.weight', "
+        "'vision_model.encoder.layers.0.extra.weight']" in msg
+    )
+    # a default ViT (no pre_norm, no projection) is not CLIP's shape: the map entries it lacks are named
+    plain = nnx.eval_shape(
+        lambda: ViT((8, 8, 3), 3, **{**CLIP_TINY, "pre_norm": False, "projection_dim": None}, rngs=nnx.Rngs(0))
+    )
+    with pytest.raises(ValueError, match=r"map entries for params the model lacks: \['vision_model.pre_layrnorm"):
+        clx.models.from_safetensors(
+            tmp_path / "bad.safetensors",
+            plain,
+            clx.models.clip_vision_name_map(plain),
+            ignore=clx.models.CLIP_NON_VISION,
+            keep=("head",),
+        )
+
+
+def test_default_vit_param_paths_are_unchanged_and_clip_options_add_only_theirs():
+    def shapes(vit):
+        leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(vit, nnx.Param)))[0]
+        return {clx.tree.path_str(p): tuple(v.shape) for p, v in leaves}
+
+    base = shapes(nnx.eval_shape(lambda: tiny()))
+    want = {"patch_embed/kernel": (4, 16), "patch_embed/bias": (16,), "cls_token": (1, 1, 16)}
+    want |= {"pos_embed": (1, 17, 16), "norm/scale": (16,), "norm/bias": (16,)}
+    want |= {"head/kernel": (16, 10), "head/bias": (10,)}
+    for i in range(2):
+        for ln in ("norm1", "norm2"):
+            want |= {f"blocks/{i}/{ln}/scale": (16,), f"blocks/{i}/{ln}/bias": (16,)}
+        for lin, shape in (("attn/query", (16, 16)), ("attn/key", (16, 16)), ("attn/value", (16, 16)),
+                           ("attn/out", (16, 16)), ("fc1", (16, 24)), ("fc2", (24, 16))):  # fmt: skip
+            want |= {f"blocks/{i}/{lin}/kernel": shape, f"blocks/{i}/{lin}/bias": (shape[1],)}
+    assert base == want
+    # the same draws for the same seed: a default ViT's params are today's, whatever the new options' defaults
+    a = _flat(nnx.to_pure_dict(nnx.state(tiny(seed=4), nnx.Param)))
+    b = _flat(nnx.to_pure_dict(nnx.state(tiny(seed=4, pre_norm=False, activation="gelu", projection_dim=None))))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    clip = shapes(nnx.eval_shape(lambda: tiny(pre_norm=True, patch_bias=False, projection_dim=5)))
+    added = {"pre_norm/scale": (16,), "pre_norm/bias": (16,), "proj/kernel": (16, 5), "head/kernel": (5, 10)}
+    assert clip == {**{k: s for k, s in want.items() if k != "patch_embed/bias"}, **added}
+    # a ViT's name map leaves out exactly the biases the model lacks
+    m = clx.models.hf_vit_name_map(nnx.eval_shape(lambda: tiny(patch_bias=False)))
+    assert "embeddings.patch_embeddings.projection.bias" not in m and "encoder.layer.0.output.dense.bias" in m
+    with pytest.raises(ValueError, match=r"unknown activation 'relu'"):
+        tiny(activation="relu")
+    with pytest.raises(ValueError, match=r"projection_dim must be a positive int"):
+        tiny(projection_dim=0)

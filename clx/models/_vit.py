@@ -10,7 +10,9 @@
   checkpoint directory (``orbax.checkpoint.StandardCheckpointer``).
 - :func:`from_safetensors` with :func:`hf_vit_name_map`: weights as model hubs publish
   them (PyTorch names, (out, in) Linear weights), mapped onto a :class:`ViT` by the
-  names of Hugging Face ``transformers``' ``ViTModel`` / ``ViTForImageClassification``.
+  names of Hugging Face ``transformers``' ``ViTModel`` / ``ViTForImageClassification``;
+  with :func:`clip_vision_name_map`, CLIP's vision tower (``CLIPVisionModel``,
+  ``CLIPVisionModelWithProjection``, ``CLIPModel`` files) onto a ViT with the CLIP options.
 """
 
 from __future__ import annotations
@@ -60,10 +62,34 @@ class Attention(nnx.Module):
         return self.out(o)
 
 
-class Block(nnx.Module):
-    """A pre-LN encoder block: ``x + attn(norm1(x))``, then ``x + fc2(gelu(fc1(norm2(x))))``."""
+def _quick_gelu(x):
+    """``x * sigmoid(1.702 x)``: transformers' ``QuickGELUActivation`` (``ACT2FN["quick_gelu"]``), CLIP's MLP."""
+    return x * jax.nn.sigmoid(1.702 * x)
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, use_bias: bool, kernel_init, eps: float, *, rngs):
+
+#: The MLP activations a :class:`ViT` may use: exact (erf) GELU, or CLIP's quick GELU.
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": _quick_gelu,
+}
+
+
+class Block(nnx.Module):
+    """A pre-LN encoder block: ``x + attn(norm1(x))``, then ``x + fc2(act(fc1(norm2(x))))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        use_bias: bool,
+        kernel_init,
+        eps: float,
+        *,
+        rngs,
+        activation: str = "gelu",
+    ):
+        self.activation = activation
         self.norm1 = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
         self.attn = Attention(dim, heads, use_bias, kernel_init, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
@@ -72,8 +98,8 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         x = x + self.attn(self.norm1(x))
-        # exact (erf) GELU: transformers' "gelu" (ACT2FN), so hub weights give their logits
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        # "gelu": exact (erf) GELU, transformers' "gelu" (ACT2FN), so hub weights give their logits
+        return x + self.fc2(ACTIVATIONS[self.activation](self.fc1(self.norm2(x))))
 
 
 class ViT(nnx.Module):
@@ -93,20 +119,34 @@ class ViT(nnx.Module):
       ``x + fc2(gelu(fc1(norm2(x))))`` (exact erf GELU);
     - ``norm`` (LayerNorm) of the class token, ``head``: (batch, num_outputs) logits.
 
+    CLIP options (all off by default: a default ViT computes today's function with today's
+    params): ``pre_norm=True`` adds a LayerNorm ``pre_norm`` on the (batch, n + 1, dim)
+    tokens after the position embedding, before the blocks; ``activation="quick_gelu"``
+    uses ``x * sigmoid(1.702 x)`` in every MLP; ``patch_bias=False`` drops the patch
+    embedding's bias; ``projection_dim=k`` adds ``proj``, a bias-free Linear dim -> k on the
+    normed class token, and the head then reads the (batch, k) projection. With
+    ``pre_norm=True, activation="quick_gelu", patch_bias=False, projection_dim=512,
+    layer_norm_eps=1e-5`` the ViT computes Hugging Face's ``CLIPVisionModelWithProjection``
+    image embeddings (before the head): see :func:`clip_vision_name_map`.
+
     Params (``nnx.to_pure_dict`` paths): ``patch_embed/{kernel (p*p*c, dim), bias}``,
     ``cls_token`` (1, 1, dim), ``pos_embed`` (1, n + 1, dim),
     ``blocks/{i}/norm1/{scale, bias}``, ``blocks/{i}/attn/{query, key, value, out}/{kernel
     (dim, dim), bias}``, ``blocks/{i}/norm2/{scale, bias}``, ``blocks/{i}/fc1/{kernel (dim,
     mlp_dim), bias}``, ``blocks/{i}/fc2/{kernel (mlp_dim, dim), bias}``, ``norm/{scale,
     bias}``, and ``head/{kernel, bias}``: (dim, k) for the shared ``nnx.Linear`` head, or
-    (num_heads, dim, k) and (num_heads, k) for a task-IL ``clx.models.MultiHead``.
+    (num_heads, dim, k) and (num_heads, k) for a task-IL ``clx.models.MultiHead``. The CLIP
+    options add ``pre_norm/{scale, bias}`` (dim,) and ``proj/kernel`` (dim, projection_dim)
+    (the head's input width then ``projection_dim``), and ``patch_bias=False`` removes
+    ``patch_embed/bias``; every other path is the same.
 
     Taps (``clx.FunctionalModel.apply_with_taps``): every ``nnx.Linear`` is applied once
     per forward; its input has leading axes flattened, so ``patch_embed/kernel`` gets
     (batch * n, p*p*c), each block's Linears (batch * (n + 1), d_in) (query, key and value
-    the same rows), and the shared head (batch, dim). ``clx.gpm`` projects all of them by
-    default (its representations count ``n + 1`` columns per example, as a conv layer's
-    positions); the 3-D ``cls_token``/``pos_embed`` and a ``MultiHead`` are never projected.
+    the same rows), ``proj`` (batch, dim) and the shared head (batch, dim or projection_dim).
+    ``clx.gpm`` projects all of them by default (its representations count ``n + 1`` columns
+    per example, as a conv layer's positions); the 3-D ``cls_token``/``pos_embed`` and a
+    ``MultiHead`` are never projected.
 
     Differences from the paper: no dropout (clx models are pure functions without RNG
     state); the head is one Linear on the class token (the paper pretrains with an MLP
@@ -130,10 +170,18 @@ class ViT(nnx.Module):
         ``MlpBlock`` init in vit_jax; default), 'torch' or 'lecun'. Biases start at zero, LayerNorms at
         scale 1 / bias 0, ``cls_token`` and ``pos_embed`` at N(0, 0.02^2).
       layer_norm_eps: epsilon of every LayerNorm (1e-6, the original ViT's; 1e-12 for
-        Hugging Face weights).
+        Hugging Face ViT weights; 1e-5 for CLIP's, ``CLIPVisionConfig``'s default).
+      pre_norm: a LayerNorm on the tokens before the blocks (CLIP's ``pre_layrnorm``).
+      activation: the MLP activation, ``"gelu"`` (exact erf GELU) or ``"quick_gelu"``
+        (``x * sigmoid(1.702 x)``, CLIP's ``hidden_act``).
+      patch_bias: a bias on the patch embedding; None (default) follows ``use_bias``
+        (CLIP's patch conv has none: pass False).
+      projection_dim: None (default) or the width of a bias-free Linear ``proj`` between
+        the normed class token and the head (CLIP's ``visual_projection``, 512 for
+        ViT-B/32).
 
     Raises:
-      ValueError: an unknown init, non-positive sizes, H or W not a multiple of
+      ValueError: an unknown init or activation, non-positive sizes or projection_dim, H or W not a multiple of
         ``patch_size``, ``dim`` not a multiple of ``attention_heads``; at call,
         inputs that are neither (batch, *input_shape) nor flat.
     """
@@ -152,10 +200,20 @@ class ViT(nnx.Module):
         use_bias: bool = True,
         init: str = "xavier",
         layer_norm_eps: float = 1e-6,
+        pre_norm: bool = False,
+        activation: str = "gelu",
+        patch_bias: bool | None = None,
+        projection_dim: int | None = None,
         rngs: nnx.Rngs,
     ):
         if init not in _INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {sorted(_INITS)}.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ViT: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        if projection_dim is not None and int(projection_dim) < 1:
+            raise ValueError(
+                f"ViT: projection_dim must be a positive int or None (no projection), got {projection_dim!r}."
+            )
         h, w, c = (int(s) for s in input_shape)
         p, dim, depth, attention_heads, mlp_dim = map(int, (patch_size, dim, depth, attention_heads, mlp_dim))
         _check_sizes(
@@ -182,15 +240,24 @@ class ViT(nnx.Module):
         self.input_shape = (h, w, c)
         self.patch_size = p
         self.num_patches = (h // p) * (w // p)
-        self.patch_embed = nnx.Linear(p * p * c, dim, use_bias=use_bias, kernel_init=kinit, rngs=rngs)
+        patch_bias = use_bias if patch_bias is None else bool(patch_bias)
+        self.patch_embed = nnx.Linear(p * p * c, dim, use_bias=patch_bias, kernel_init=kinit, rngs=rngs)
         self.cls_token = nnx.Param(_EMBED_INIT(rngs.params(), (1, 1, dim), jnp.float32))
         self.pos_embed = nnx.Param(_EMBED_INIT(rngs.params(), (1, self.num_patches + 1, dim), jnp.float32))
         eps = float(layer_norm_eps)
+        # only when asked, so a default ViT's params (and its saved checkpoints) keep their paths
+        self.pre_norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs) if pre_norm else None
         self.blocks = nnx.List(
-            [Block(dim, attention_heads, mlp_dim, use_bias, kinit, eps, rngs=rngs) for _ in range(depth)]
+            [
+                Block(dim, attention_heads, mlp_dim, use_bias, kinit, eps, rngs=rngs, activation=activation)
+                for _ in range(depth)
+            ]
         )
         self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
-        self.head = _head(dim, int(num_outputs), int(num_heads), use_bias, kinit, rngs)
+        width = dim if projection_dim is None else int(projection_dim)
+        proj = nnx.Linear(dim, width, use_bias=False, kernel_init=kinit, rngs=rngs) if projection_dim else None
+        self.proj = proj
+        self.head = _head(width, int(num_outputs), int(num_heads), use_bias, kinit, rngs)
 
     def patches(self, x):
         """(batch, H, W, C) or flat images -> (batch, n, p*p*c) patches (order in the class docs)."""
@@ -205,9 +272,14 @@ class ViT(nnx.Module):
         b, _, dim = tokens.shape
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, dim))
         x = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...]
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x)
-        return _apply_head(self.head, self.norm(x[:, 0]), task_id)
+        features = self.norm(x[:, 0])
+        if self.proj is not None:
+            features = self.proj(features)
+        return _apply_head(self.head, features, task_id)
 
 
 # --------------------------------------------------------------------------- #
@@ -336,11 +408,17 @@ def _same(w: np.ndarray) -> np.ndarray:
     return w
 
 
+def _token_rows(w: np.ndarray) -> np.ndarray:
+    """CLIP's ``class_embedding`` (dim,) -> (1, 1, dim); ``position_embedding.weight`` (n, dim) -> (1, n, dim)."""
+    return w.reshape((1,) * (3 - w.ndim) + w.shape) if w.ndim < 3 else w
+
+
 #: Conversions a name map may name: the PyTorch tensor -> the Flax param.
 CONVERSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": _linear_weight,  # (out, in) weight -> (in, out) kernel
     "patch_conv": _patch_conv_weight,  # Conv2d (dim, c, p, p) -> (p*p*c, dim)
     "same": _same,  # biases, LayerNorm weight -> scale / bias -> bias, cls token, position embedding
+    "token_rows": _token_rows,  # CLIP's (dim,) class embedding / (n, dim) position table -> (1, 1 or n, dim)
 }
 
 
@@ -384,20 +462,7 @@ def hf_vit_name_map(model: ViT, prefix: str = "", classifier: str | None = "clas
     Returns:
       ``{pytorch name: (clx param path, conversion)}``, conversions from :data:`CONVERSIONS`.
     """
-    has_bias = model.patch_embed.bias is not None
-
-    def linear(torch_name: str, path: str, conv: str = "linear") -> dict:
-        out = {f"{prefix}{torch_name}.weight": (f"{path}/kernel", conv)}
-        if has_bias:
-            out[f"{prefix}{torch_name}.bias"] = (f"{path}/bias", "same")
-        return out
-
-    def norm(torch_name: str, path: str) -> dict:
-        return {
-            f"{prefix}{torch_name}.weight": (f"{path}/scale", "same"),
-            f"{prefix}{torch_name}.bias": (f"{path}/bias", "same"),
-        }
-
+    linear, norm = _map_helpers(model, prefix)
     m = {
         **linear("embeddings.patch_embeddings.projection", "patch_embed", "patch_conv"),
         f"{prefix}embeddings.cls_token": ("cls_token", "same"),
@@ -417,6 +482,108 @@ def hf_vit_name_map(model: ViT, prefix: str = "", classifier: str | None = "clas
         m[f"{classifier}.weight"] = ("head/kernel", "linear")
         if model.head.bias is not None:
             m[f"{classifier}.bias"] = ("head/bias", "same")
+    return m
+
+
+def _map_helpers(model: nnx.Module, prefix: str):
+    """``linear`` and ``norm`` map-entry builders (PyTorch name, clx path); a bias only where the model has one."""
+    have = set(_flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+    def linear(torch_name: str, path: str, conv: str = "linear") -> dict:
+        out = {f"{prefix}{torch_name}.weight": (f"{path}/kernel", conv)}
+        if f"{path}/bias" in have:
+            out[f"{prefix}{torch_name}.bias"] = (f"{path}/bias", "same")
+        return out
+
+    def norm(torch_name: str, path: str) -> dict:
+        return {
+            f"{prefix}{torch_name}.weight": (f"{path}/scale", "same"),
+            f"{prefix}{torch_name}.bias": (f"{path}/bias", "same"),
+        }
+
+    return linear, norm
+
+
+#: The tensors of a Hugging Face ``CLIPModel`` file (``openai/clip-vit-base-patch32``'s
+#: ``model.safetensors``) outside the vision tower: ``from_safetensors(..., ignore=CLIP_NON_VISION)``.
+#: ``position_ids`` is a buffer (``persistent=False`` in today's transformers; older files carry it).
+CLIP_NON_VISION = ("text_model.", "text_projection.", "logit_scale", "vision_model.embeddings.position_ids")
+
+
+def clip_vision_name_map(
+    model: ViT, prefix: str = "vision_model.", projection: str | None = "visual_projection"
+) -> dict[str, tuple[str, str]]:
+    """Hugging Face ``transformers`` CLIP vision-tower names -> :class:`ViT` param paths and conversions.
+
+    For ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPModel`` files (e.g.
+    ``openai/clip-vit-base-patch32``, FusionBench's merging backbone) into a ViT built with
+    ``pre_norm=True, activation="quick_gelu", patch_bias=False, layer_norm_eps=1e-5`` (and
+    ``projection_dim=512`` to load the projection). Checked against
+    ``transformers/models/clip/modeling_clip.py`` (stored huggingface/transformers source):
+    ``CLIPVisionEmbeddings`` (a bias-free Conv2d ``patch_embedding`` of stride p, a (dim,)
+    ``class_embedding`` prepended, ``position_embedding`` an ``nn.Embedding(n + 1, dim)``
+    added), ``CLIPVisionTransformer.forward`` (``pre_layrnorm`` on all tokens, the encoder,
+    ``post_layernorm`` on token 0 only), ``CLIPEncoderLayer`` (pre-LN: ``layer_norm1``,
+    ``self_attn``, residual, ``layer_norm2``, ``mlp``, residual), ``CLIPAttention``
+    (``q_proj``/``k_proj``/``v_proj``/``out_proj`` with biases, heads split as
+    ``view(b, n, -1, head_dim)``, scale ``head_dim ** -0.5``), ``CLIPMLP`` (``fc1``,
+    ``ACT2FN[hidden_act]``, ``fc2``; ``QuickGELUActivation`` is ``x * sigmoid(1.702 x)`` in
+    ``activations.py``), ``visual_projection = nn.Linear(hidden, projection_dim,
+    bias=False)``; ``configuration_clip.py``: ``CLIPVisionConfig`` defaults ``hidden_act=
+    "quick_gelu"``, ``layer_norm_eps=1e-5`` (every LayerNorm), 768 wide, 12 layers, 12
+    heads, 3072 MLP, patch 32, image 224, projection 512. Per layer ``i``:
+
+    ==================================================  ==============================  ==========
+    PyTorch name (``{prefix}`` first)                    clx param                       conversion
+    ==================================================  ==============================  ==========
+    ``embeddings.patch_embedding.weight`` (no bias)      ``patch_embed/kernel``          patch_conv
+    ``embeddings.class_embedding`` (dim,)                ``cls_token`` (1, 1, dim)       token_rows
+    ``embeddings.position_embedding.weight`` (n+1, dim)  ``pos_embed`` (1, n+1, dim)     token_rows
+    ``pre_layrnorm.weight`` / ``.bias`` (sic)            ``pre_norm/scale`` / ``bias``   same
+    ``encoder.layers.{i}.layer_norm1.weight`` / ``bias``  ``blocks/{i}/norm1/...``        same
+    ``encoder.layers.{i}.self_attn.q_proj.weight``       ``blocks/{i}/attn/query/kernel``  linear
+    (``k_proj`` -> key, ``v_proj`` -> value, ``out_proj`` -> out; ``.bias`` -> ``/bias``)
+    ``encoder.layers.{i}.layer_norm2.weight`` / ``bias``  ``blocks/{i}/norm2/...``        same
+    ``encoder.layers.{i}.mlp.fc1.weight`` / ``.bias``    ``blocks/{i}/fc1/...``          linear
+    ``encoder.layers.{i}.mlp.fc2.weight`` / ``.bias``    ``blocks/{i}/fc2/...``          linear
+    ``post_layernorm.weight`` / ``.bias``                ``norm/scale`` / ``norm/bias``  same
+    ``{projection}.weight`` (no prefix; proj_dim, dim)   ``proj/kernel`` (dim, proj_dim)  linear
+    ==================================================  ==============================  ==========
+
+    No head is mapped: CLIP classifies zero-shot with its text tower (not supported
+    here); load with ``keep=("head",)`` and train the ViT's own head (or a
+    ``MultiHead``). Inputs: (batch, 224, 224, 3) NHWC images normalised as CLIP's image
+    processor does (resize, centre crop, CLIP's mean/std), the same pixels as the
+    PyTorch model's NCHW ``pixel_values``.
+
+    Args:
+      model: the :class:`ViT` to load into (its depth and biases decide the entries).
+      prefix: put before every vision-tower name: ``"vision_model."`` for
+        ``CLIPVisionModel*`` and ``CLIPModel`` files.
+      projection: the name of the projection Linear (``"visual_projection"``), or None
+        for a ``CLIPVisionModel`` file and a ViT without ``projection_dim``.
+
+    Returns:
+      ``{pytorch name: (clx param path, conversion)}``, conversions from :data:`CONVERSIONS`.
+    """
+    linear, norm = _map_helpers(model, prefix)
+    m = {
+        **linear("embeddings.patch_embedding", "patch_embed", "patch_conv"),
+        f"{prefix}embeddings.class_embedding": ("cls_token", "token_rows"),
+        f"{prefix}embeddings.position_embedding.weight": ("pos_embed", "token_rows"),
+        **norm("pre_layrnorm", "pre_norm"),
+    }
+    for i in range(len(model.blocks)):
+        t, b = f"encoder.layers.{i}", f"blocks/{i}"
+        m.update(norm(f"{t}.layer_norm1", f"{b}/norm1"))
+        for name, path in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("out_proj", "out")):
+            m.update(linear(f"{t}.self_attn.{name}", f"{b}/attn/{path}"))
+        m.update(norm(f"{t}.layer_norm2", f"{b}/norm2"))
+        m.update(linear(f"{t}.mlp.fc1", f"{b}/fc1"))
+        m.update(linear(f"{t}.mlp.fc2", f"{b}/fc2"))
+    m.update(norm("post_layernorm", "norm"))
+    if projection is not None:
+        m[f"{projection}.weight"] = ("proj/kernel", "linear")
     return m
 
 
