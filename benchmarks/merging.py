@@ -11,6 +11,8 @@ plus a few products and two norms over the whole tree. This script measures, in 
   ``torch.linalg.svd`` with full matrices);
 * ``jax svd``: the same SVDs as one jitted ``jnp.linalg.svd`` program, to split the step
   into its SVDs and the rest;
+* ``gram svd``: the same SVDs through the Gram matrix (``clx.subspace.gram_svd``, one
+  device here), and the OPCM step with ``svd="gram"``;
 
 and prints the ratios step/numpy and jax-svd/numpy, for
 
@@ -47,6 +49,7 @@ import numpy as np
 
 import clx
 import clx.merging as merging
+from clx.subspace import gram_svd
 
 
 def vit_tiny(rng, scale=1.0):
@@ -91,12 +94,21 @@ def measure(name, make, repeats):
     t_numpy = best(lambda: [np.linalg.svd(s, full_matrices=False) for s in host], repeats)
     jax_svds = jax.jit(lambda ms: [jnp.linalg.svd(s, full_matrices=False) for s in ms])
     t_jax = best(lambda: jax_svds(mats), repeats)
+    gram_svds = jax.jit(lambda ms: [gram_svd(s) for s in ms])
+    t_gram = best(lambda: gram_svds(mats), repeats)
+    gram_step = jax.jit(merging.opcm(alpha=0.5, svd="gram").merge_next)
+    t_gram_step = best(lambda: gram_step(state, second), repeats)
     shapes = sorted({tuple(s.shape) for s in mats})
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pre))
     print(
         f"{name}: {len(mats)} SVDs of {shapes}, {params:,} params | opcm step {1e3 * t_step:.2f} ms, "
         f"numpy svd {1e3 * t_numpy:.2f} ms, jax svd {1e3 * t_jax:.2f} ms | step/numpy {t_step / t_numpy:.2f}x, "
         f"jax svd/numpy {t_jax / t_numpy:.2f}x, step/jax svd {t_step / t_jax:.2f}x",
+        flush=True,
+    )
+    print(
+        f"{name} gram: gram svd {1e3 * t_gram:.2f} ms ({t_gram / t_jax:.2f}x jax svd), "
+        f"opcm step with svd='gram' {1e3 * t_gram_step:.2f} ms ({t_gram_step / t_step:.2f}x the full-SVD step)",
         flush=True,
     )
 

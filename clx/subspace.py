@@ -95,6 +95,60 @@ def project_out(g: jax.Array, s: Subspace) -> jax.Array:
     return (flat - matmul(s.basis, coef)).reshape(g.shape)
 
 
+def gram_eigh(a: jax.Array, side: str = "left") -> tuple[jax.Array, jax.Array]:
+    """Eigendecomposition of a Gram matrix of ``a`` (d, m), eigenvalues descending.
+
+    ``side="left"``: ``a a^T`` (d, d), whose eigenvectors are ``a``'s left singular vectors;
+    ``side="right"``: ``a^T a`` (m, m), the right ones. Returns ``(energy, vecs)``: the
+    eigenvalues clipped at 0 (the squared singular values, padded with zeros past rank)
+    in descending order and the eigenvectors as columns in the same order. The Gram is a
+    sum over the contracted axis, so an ``a`` sharded along it is reduced, not gathered.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"gram_eigh: side must be 'left' or 'right', got {side!r}.")
+    gram = matmul(a, a.T) if side == "left" else matmul(a.T, a)
+    evals, evecs = jnp.linalg.eigh(gram)
+    return jnp.clip(evals[::-1], 0.0), evecs[:, ::-1]
+
+
+def gram_svd(a: jax.Array, rtol: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD ``a = U diag(s) V^T`` of ``a`` (d, m) through the eigendecomposition of its Gram matrix.
+
+    With k = min(d, m): for d >= m, ``eigh(a^T a)`` gives V (m, k) and ``s^2``, and
+    ``U = a V / s`` (d, k); for d < m, ``eigh(a a^T)`` gives U and ``V = a^T U / s``. Only
+    the k x k Gram and products with ``a`` are needed, so an ``a`` sharded along its long
+    axis is never gathered: the Gram is a cross-shard sum (an all-reduce of k x k) and the
+    long-axis factor is computed shard by shard.
+
+    Rank deficiency: directions with ``s^2 <= rtol * s_1^2`` (default ``rtol = k * eps`` of
+    ``a``'s dtype) are treated as null: their ``s`` is 0 and their column of the long-axis
+    factor is 0 (never a division by 0), where a full SVD returns some orthonormal completion.
+    ``s`` is descending; signs follow ``eigh``'s eigenvectors (the SVD's are equally arbitrary).
+
+    Accuracy: the Gram squares the condition number. An eigenvalue is accurate to about
+    ``eps * s_1^2``, so ``s_i`` to about ``eps * s_1^2 / s_i``: the top singular values and
+    vectors match a full SVD to float tolerance; a singular value near ``sqrt(eps) * s_1``
+    (~3e-4 s_1 in float32) or below is noise, and its vectors too.
+
+    Returns:
+      ``(u, s, vh)``: u (d, k), s (k,), vh (k, m), in ``a``'s dtype.
+    """
+    d, m = a.shape
+    k = min(d, m)
+    if rtol is None:
+        rtol = k * float(jnp.finfo(a.dtype).eps)
+    wide = d < m
+    energy, vecs = gram_eigh(a, side="left" if wide else "right")  # (k,), (k, k)
+    keep = energy > rtol * energy[0]
+    long = matmul(a.T, vecs) if wide else matmul(a, vecs)  # (m or d, k): the other factor times s
+    norms = jnp.sqrt(jnp.sum(long * long, axis=0))  # (k,) ||a v_i||, more accurate than sqrt(energy) for small s
+    s = jnp.where(keep, norms, 0.0)
+    long = long * jnp.where(keep, 1.0 / jnp.where(keep & (norms > 0), norms, 1.0), 0.0)
+    if wide:
+        return vecs, s, long.T
+    return long, s, vecs.T
+
+
 def check_threshold(threshold) -> float:
     """Validates a concrete energy threshold; returns it as a float.
 
@@ -165,9 +219,7 @@ def expand(s: Subspace, representation: jax.Array, threshold) -> Subspace:
         u = jnp.pad(u, ((0, 0), (0, d - n)))
         energy = jnp.pad(energy, (0, d - n))
     else:
-        evals, evecs = jnp.linalg.eigh(matmul(r_hat, r_hat.T))
-        energy = jnp.clip(evals[::-1], 0.0)
-        u = evecs[:, ::-1]
+        energy, u = gram_eigh(r_hat, side="left")
 
     safe_total = jnp.where(total > 0, total, 1.0)
     explained = (total - jnp.sum(r_hat**2)) / safe_total
