@@ -69,8 +69,10 @@ def test_opcm_auto_is_the_full_svd_on_one_device_and_bad_svd_names_the_choices()
     rng = np.random.default_rng(3)
     tree = lambda: {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), "b": jnp.zeros(4)}
     pre, fts = tree(), [tree() for _ in range(3)]
-    auto = m.merge_sequence(m.opcm(), pre, fts).merged
+    auto = m.merge_sequence(m.opcm(svd="auto"), pre, fts).merged  # one device: the full SVD
+    default = m.merge_sequence(m.opcm(), pre, fts).merged
     full = m.merge_sequence(m.opcm(svd="full"), pre, fts).merged
+    np.testing.assert_array_equal(default["w"], full["w"])
     gram = m.merge_sequence(m.opcm(svd="gram"), pre, fts).merged
     np.testing.assert_array_equal(auto["w"], full["w"])
     np.testing.assert_allclose(gram["w"], full["w"], atol=1e-4)

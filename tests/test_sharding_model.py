@@ -1,7 +1,7 @@
 """The ViT's params sharded FSDP-style over a ``model`` axis of 8 fake CPU devices
 (``clx.sharding.fsdp_shardings``): fine-tuning steps and the merges (task arithmetic, OPCM) give
 the 1-device results to float tolerance; OPCM's SVDs run on sharded kernels: with ``svd="full"`` XLA
-gathers each kernel to every device before the LAPACK SVD, with ``svd="gram"`` (the default on more
+gathers each kernel to every device before the LAPACK SVD, with ``svd="gram"`` (opt-in; ``"auto"`` on more
 than one device) nothing is gathered, only the k x k Gram reduced (asserted on the compiled programs);
 a kernel that the axis does not divide is named in the error."""
 
@@ -107,7 +107,7 @@ def test_finetuning_and_merging_on_sharded_params_equal_one_device():
             float(jnp.max(jnp.abs(o1.merged["blocks"][0]["fc1"]["kernel"] - ta1["blocks"][0]["fc1"]["kernel"]))) > 1e-4
         )
         merged[svd] = o8.merged
-    assert check_svd("opcm", "auto") == "gram"  # the default on 8 devices
+    assert check_svd("opcm", "auto") == "gram"  # "auto" on 8 devices (the default stays "full")
     for k, v in _leaves(merged["gram"]).items():
         # not the full SVD to float tolerance: the Gram's float32 error on the small singular directions
         # (zeroed diagonal of the tail) moved 5 of 256 entries of one kernel by up to 3.9e-4 (entries ~0.4)

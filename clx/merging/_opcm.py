@@ -84,9 +84,9 @@ Speed on one CPU thread (benchmarks/merging.py): a 1024x1024 gram SVD 269 ms aga
 ``jnp.linalg.svd`` 445 ms, the OPCM step 357 against 560 ms.
 
 So ``"gram"`` keeps OPCM's split and protected block but is not the full SVD to float
-tolerance in the tail. ``svd="auto"`` (the default) is ``"gram"`` when ``jax.device_count() > 1``
-(the case where params can be sharded) and ``"full"`` on one device, where results are
-unchanged; pass ``svd="full"`` for the exact method on a mesh (at the cost of the gather).
+tolerance in the tail. The default is ``svd="full"`` everywhere (the exact method; on a mesh XLA
+gathers each sharded kernel into the SVD); ``"gram"`` is opt-in for params sharded along their
+long axis, and ``"auto"`` picks ``"gram"`` when ``jax.device_count() > 1``, else ``"full"``.
 
 Shapes and dtypes: the SVD and products run in float32 at least (``Precision.HIGHEST``);
 S is stored in the promoted dtype of the params and float32; ``merged`` has the params'
@@ -131,7 +131,7 @@ def check_svd(who: str, svd) -> str:
 
 
 @partial(jax.jit, static_argnums=(3, 4))
-def opcm_projection(merged_tv: jax.Array, tau: jax.Array, alpha, zero_diagonal: bool = True, svd: str = "auto"):
+def opcm_projection(merged_tv: jax.Array, tau: jax.Array, alpha, zero_diagonal: bool = True, svd: str = "full"):
     """OPCM's projection of a new task vector ``tau`` (m, n) against the merged task vector ``merged_tv`` (m, n).
 
     ``merged_tv = U diag(s) V^T`` (reduced SVD, k = min(m, n)), ``r = split_rank(s, alpha)``,
@@ -184,7 +184,7 @@ def opcm(
     alpha=0.5,
     zero_diagonal: bool = True,
     project: Callable[[str, jax.Array], bool] | None = None,
-    svd: str = "auto",
+    svd: str = "full",
 ) -> ContinualMerge:
     """OPCM (Tang et al. 2025): orthogonal projection of each new task vector, then rescaling to the mean norm.
 
@@ -198,8 +198,8 @@ def opcm(
         every 2-D leaf. A projected leaf must be 2-D.
       svd: how the merged task vector is decomposed: ``"full"`` (LAPACK SVD), ``"gram"``
         (eigh of the k x k Gram matrix, no all-gather of a kernel sharded along its long
-        axis), or ``"auto"`` (the default: ``"gram"`` when ``jax.device_count() > 1``,
-        else ``"full"``, so one-device results are those of the full SVD).
+        axis; the tail singular values only to about sqrt(eps) of the largest), or ``"auto"``
+        (``"gram"`` when ``jax.device_count() > 1``, else ``"full"``). Default ``"full"``.
 
     Returns:
       A :class:`ContinualMerge` named "opcm" with state :class:`OPCMState`.
