@@ -26,6 +26,21 @@ The members of one ``fit_members`` run share one stream, so several seeds are se
 runs here (``experiments.tables`` does that); ``--config.stream.class_order=natural``
 gives the natural order.
 
+Checked against the authors' code (GMvandeVen/continual-learning at 86802a8, April 2019,
+and 9945f84, December 2019): Split MNIST is 28x28 in [0, 1] (no padding), one Adam is
+kept across tasks (``--optimizer=adam``; ``adam_reset`` is opt-in), the task-IL loss is
+a softmax over the current task's two units, the order is drawn per seed (seed 0
+natural; the comparison script starts at seed 1), weights and biases are
+U(+-1/sqrt(fan_in)) (``model.init = "torch"``), 2,000 iterations at lr 1e-3, batch
+128. EWC's Fisher there is taken at the predicted label over the task's whole training
+set (``--config.ewc.fisher=predicted``). That code's per-scenario defaults
+(``param_values.py``, added in December 2019, after v1) differ from the values used
+here: EWC lambda 1e7 / 1e6 / 1e8, online EWC lambda 1e8 / 1e8 / 1e9 with gamma 0.8 /
+0.7 / 0.8, SI c 50 / 500 / 0.5; which values v1's Table 4 used could not be read
+offline, so the config keeps the ones this project's issue names. v1's EWC row
+(98.64 / 63.95 / 20.01) was read in a transcription of the v1 text; the other rows are
+still as recalled.
+
 Differences from the authors' code: in class-IL clx's head always has 10 outputs and
 the task loss is a softmax over all of them (van de Ven trains over the classes seen
 so far); the Fisher and LwF do use the seen classes only (``seen_classes_only``).
