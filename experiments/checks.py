@@ -76,6 +76,7 @@ RULES: dict[str, tuple[Range, str]] = {
     "stream.train_subset": (OPTIONAL_COUNT, "training examples kept per task; 0 = all"),
     "stream.max_angle": (Range(-360, 360), "the last rotated task's angle in degrees"),
     "model.hidden": (COUNT, "units per hidden layer"),
+    "model.nf": (COUNT, "the ResNet-18's base filters (GPM: 20)"),
     "model.patch_size": (OPTIONAL_COUNT, "the ViT's patch side; 0 = H // 4"),
     "model.dim": (COUNT, "the ViT's token width"),
     "model.depth": (COUNT, "the ViT's encoder blocks"),
