@@ -178,9 +178,10 @@ def build_vit(config, stream, seed: int):
 def build_classifier(config, stream, seed: int):
     """The model of ``config.model.kind`` for ``stream``, as (FunctionalModel, params).
 
-    "mlp": :func:`build_mlp`; "lenet": ``clx.LeNet``, "alexnet": ``clx.AlexNet``
-    (GPM's) and "resnet18": ``clx.models.ResNet18`` (GPM's reduced one, ``config.model.nf``
-    base filters), on ``stream.input_shape`` with the stream's outputs and heads
+    "mlp": :func:`build_mlp`; "lenet": ``clx.LeNet``, "alexnet": ``clx.AlexNet`` (GPM's;
+    ``config.model.channels`` / ``fc``, when not empty, its conv channels / fc widths) and
+    "resnet18": ``clx.models.ResNet18`` (GPM's reduced one, ``config.model.nf`` base
+    filters), on ``stream.input_shape`` with the stream's outputs and heads
     (``config.model.init``; LeNet also ``config.model.use_bias``); "vit":
     :func:`build_vit` (``config.model.patch_size``, ``dim``, ``depth``, ``heads``,
     ``mlp_dim``, ``use_bias``, ``init``; ``config.model.pretrained``: a starting point).
@@ -204,11 +205,13 @@ def build_classifier(config, stream, seed: int):
             rngs=nnx.Rngs(seed),
         )
     elif kind == "alexnet":
+        sizes = {k: tuple(config.model.get(f, ())) for k, f in (("channels", "channels"), ("hidden", "fc"))}
         module = clx.models.AlexNet(
             tuple(stream.input_shape),
             stream.num_outputs,
             num_heads=stream.num_heads,
             init=config.model.init,
+            **{k: v for k, v in sizes.items() if v},  # () = the model's own (GPM's) sizes
             rngs=nnx.Rngs(seed),
         )
     elif kind == "resnet18":
