@@ -80,6 +80,7 @@ def test_notmnist_reads_the_authors_pickles_and_names_the_fix_when_missing(tmp_p
 # --- the configs on tfds.testing.mock_data ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_split_cifar100_alexnet_is_gpms_setup_and_trains_on_mock_data(tmp_path):
     """The config holds the authors' values; a cut run (3 tasks of 10 mock CIFAR-100 classes, 64 examples, 1 epoch)
     trains GPM and fine-tuning, and GPM's thresholds grow by 0.003 per task."""
@@ -130,6 +131,7 @@ def test_split_cifar100_alexnet_is_gpms_setup_and_trains_on_mock_data(tmp_path):
     assert all(0 < r for r in ranks.values())
 
 
+@pytest.mark.slow
 def test_five_datasets_resnet_is_gpms_setup_and_trains_on_mock_data(tmp_path):
     """The config holds the authors' values; the five TFDS/notMNIST parts form one 50-class source, 10 classes per
     task, 32x32x3; a cut run (nf = 2, 32 examples per task, 1 epoch) trains GPM on all 20 conv layers; without
