@@ -86,7 +86,7 @@ def test_split_cifar100_alexnet_is_gpms_setup_and_trains_on_mock_data(tmp_path):
     trains GPM and fine-tuning, and GPM's thresholds grow by 0.003 per task."""
     tfds = pytest.importorskip("tensorflow_datasets")
     from experiments.configs import split_cifar100_alexnet
-    from experiments.run import run
+    from experiments.run import prepare, run
 
     c = split_cifar100_alexnet.get_config()
     assert (c.model.kind, c.data.source, c.stream.kind, c.stream.num_tasks) == (
@@ -115,6 +115,15 @@ def test_split_cifar100_alexnet_is_gpms_setup_and_trains_on_mock_data(tmp_path):
     c.gpm.threshold_step = 0.01
     with pytest.raises(ValueError, match=r"passes 1 by the last of 10 tasks"):
         _memory_args(c, None, "gpm")
+    c = split_cifar100_alexnet.get_config("sgp")  # SGP's own script: lr 0.05, alpha 10, the same schedule
+    assert (c.method, c.train.lr, c.sgp.alpha, c.sgp.freeze_vectors, tuple(c.sgp.num_samples)) == (
+        "sgp",
+        0.05,
+        10.0,
+        True,
+        (24, 100, 100, 125, 125),
+    )
+    assert round(_memory_args(c, None, "sgp")["threshold"](4), 6) == 0.982
     c = split_cifar100_alexnet.get_config("small")
     c.data.dir = str(tmp_path / "tfds")
     c.stream.train_subset = 64  # one batch per task
@@ -129,6 +138,10 @@ def test_split_cifar100_alexnet_is_gpms_setup_and_trains_on_mock_data(tmp_path):
     ranks = results["gpm"]["gpm_basis_ranks"]
     assert sorted(ranks) == ["conv1/kernel", "conv2/kernel", "conv3/kernel", "fc1/kernel", "fc2/kernel"]
     assert all(0 < r for r in ranks.values())
+    c = split_cifar100_alexnet.get_config("sgp")  # SGP's variant builds its rule on the same model
+    c.data.dir, c.model.channels, c.model.fc = str(tmp_path / "tfds"), (4, 8, 8), (16, 16)
+    with tfds.testing.mock_data(num_examples=1000):
+        assert [m.name for m in prepare(c).methods] == ["sgp"]
 
 
 @pytest.mark.slow
