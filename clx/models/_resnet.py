@@ -3,7 +3,9 @@
 Saha, Garg, Roy (2021), "Gradient Projection Memory for Continual Learning", ICLR,
 Sec. 5 and App. B (5-datasets and miniImageNet); the architecture as in the
 authors' ``main_five_dataset.py`` (github.com/sahagobinda/GPM, read for this
-module), which follows Lopez-Paz & Ranzato (2017, GEM) with nf = 20 base filters.
+module). It is the reduced ResNet-18 of Lopez-Paz & Ranzato's GEM code (2017,
+``ResNet18(nclasses, nf=20)``) with GPM's changes: per-task heads, and a 2x2 average
+pool before them where GEM pools the 4x4 map to 1x1.
 """
 
 from __future__ import annotations
