@@ -191,8 +191,8 @@ def load_source(
       TFDS: the ``train`` and ``test`` splits, ``image`` uint8 -> ``/ 255``
         float32 ``(H, W, C)``, ``label`` -> int32, ``num_classes`` from the
         ``label`` feature.
-      notmnist: the pickles' 90/10 split (about 16,853 / 1,873 images), ``(32, 32, 1)``
-        in [0, 1], 10 classes (A-J).
+      notmnist: the pickles' 90/10 train/test split of notMNIST_small (about 18,700
+        images in all), ``(32, 32, 1)`` in [0, 1], 10 classes (A-J).
       ``"a+b+..."``: every part brought to the largest height, width and channel
         count among them (smaller images padded with zeros, centred, as GPM pads
         MNIST to 32x32; grayscale repeated to 3 channels, as GPM does); with
