@@ -360,7 +360,7 @@ def test_tfds_not_prepared(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"load_source\('cifar10'\): TFDS could not find or prepare.*"
-        r"Built-in names are 'digits', 'mnist'; a TFDS dataset must be prepared under data_dir",
+        r"Built-in names are 'digits', 'mnist', 'notmnist'; a TFDS dataset must be prepared under data_dir",
     ):
         load_source("cifar10", data_dir=tmp_path, download=False)
 

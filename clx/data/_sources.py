@@ -8,8 +8,15 @@ A :class:`Source` holds ``x_*`` float32 ``(N, H, W, C)`` already normalised and
 - ``"mnist"`` -- the four original MNIST IDX ``.gz`` files in ``data_dir``,
   checked (header, lengths, optional ``SHA256SUMS``) and normalised like the
   GPM / PyTorch reference code, ``(x / 255 - 0.1307) / 0.3081``.
+- ``"notmnist"`` -- notMNIST (letters A-J, 32x32), which TFDS does not have, from
+  the pickles GPM's 5-datasets loader downloads (``notmnist_train.pkl`` /
+  ``notmnist_test.pkl`` of github.com/nkundiushuti/notmnist_convert).
 - any other name -- a TensorFlow Datasets dataset read through
   ``tfds.data_source`` (random access, no TensorFlow needed once prepared).
+- several names joined by ``+`` -- one source of several datasets (the
+  5-datasets benchmark: ``"cifar10+mnist+svhn_cropped+fashion_mnist+notmnist"``),
+  each dataset's classes after the previous ones', so a ``split_task_il`` stream of
+  as many tasks as datasets (10 classes each) has one dataset per task.
 
 Every optional image border (``pad``) is filled with the training set's minimum,
 i.e. the background. Errors are ``ValueError`` (``FileNotFoundError`` for missing
@@ -24,6 +31,7 @@ import gzip
 import hashlib
 import math
 import os
+import pickle
 import re
 import struct
 import zlib
@@ -32,7 +40,12 @@ from typing import Any
 import numpy as np
 
 #: Names :func:`load_source` reads without TFDS.
-BUILTIN_SOURCES: tuple[str, ...] = ("digits", "mnist")
+BUILTIN_SOURCES: tuple[str, ...] = ("digits", "mnist", "notmnist")
+
+#: notMNIST's two files (GPM's ``dataloader/five_datasets.py``, from notmnist.zip of
+#: github.com/nkundiushuti/notmnist_convert): pickled dicts of 'features' uint8 (N, 1, 32, 32) and 'labels' (N,).
+NOTMNIST_FILES: tuple[str, str] = ("notmnist_train.pkl", "notmnist_test.pkl")
+NOTMNIST_URL = "https://github.com/nkundiushuti/notmnist_convert/blob/master/notmnist.zip?raw=true"
 
 #: The four original MNIST files (LeCun et al.), split -> (images, labels).
 MNIST_FILES: dict[str, tuple[str, str]] = {
@@ -152,10 +165,14 @@ def load_source(
 
     Args:
       name: ``"digits"`` (scikit-learn's bundled 8x8 digits; ``data_dir`` unused),
-        ``"mnist"`` (the four original IDX ``.gz`` files in ``data_dir``), or any
-        TFDS dataset name (e.g. ``"cifar100"``, ``"fashion_mnist"``).
+        ``"mnist"`` (the four original IDX ``.gz`` files in ``data_dir``),
+        ``"notmnist"`` (:data:`NOTMNIST_FILES` in ``<data_dir>/notmnist/`` or
+        ``data_dir``), any TFDS dataset name (e.g. ``"cifar100"``,
+        ``"fashion_mnist"``), or several of these joined by ``+`` (see Returns;
+        every part but ``notmnist`` and ``digits`` is then read through TFDS, ``mnist`` too).
       data_dir: the directory with the MNIST files, or the TFDS data directory
-        (``None``: TFDS's default, ``~/tensorflow_datasets``).
+        (``None``: TFDS's default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``,
+        which is also where ``notmnist`` is looked for).
       download: TFDS only: whether TFDS may download and prepare the dataset when
         it is not prepared in ``data_dir`` yet (needs the network). ``False``
         fails fast instead.
@@ -174,13 +191,25 @@ def load_source(
       TFDS: the ``train`` and ``test`` splits, ``image`` uint8 -> ``/ 255``
         float32 ``(H, W, C)``, ``label`` -> int32, ``num_classes`` from the
         ``label`` feature.
+      notmnist: the pickles' 90/10 train/test split of notMNIST_small (about 18,700
+        images in all), ``(32, 32, 1)`` in [0, 1], 10 classes (A-J).
+      ``"a+b+..."``: every part brought to the largest height, width and channel
+        count among them (smaller images padded with zeros, centred, as GPM pads
+        MNIST to 32x32; grayscale repeated to 3 channels, as GPM does); with
+        ``scale="default"`` each part standardised per channel by its own training
+        mean and std (GPM normalises each dataset by its own statistics), with
+        ``"unit"`` left in [0, 1]; part ``i``'s labels offset by the classes of
+        parts ``0..i-1``; ``num_classes`` their sum (:func:`mix_sources`).
 
     Raises:
-      ValueError: ``mnist`` without ``data_dir``; a corrupt MNIST file (unreadable
+      ValueError: ``mnist`` without ``data_dir``; a ``+`` name with an empty or
+        repeated part, or parts whose channels are neither 1 nor the largest count;
+        a notMNIST pickle that is not the documented dict; a corrupt MNIST file (unreadable
         gzip, wrong IDX magic, payload length != header dims, image/label counts
         disagree, SHA256 mismatch against a ``SHA256SUMS`` beside the files); an
         unknown dataset name; a TFDS dataset TFDS cannot find or prepare.
-      FileNotFoundError: MNIST files missing (the message lists them).
+      FileNotFoundError: MNIST files missing (the message lists them); notMNIST
+        files missing (the message names where they go and :data:`NOTMNIST_URL`).
       ModuleNotFoundError: TFDS needs a module to prepare the dataset that is not
         installed (the message names it and the ``pip install``).
     """
@@ -194,13 +223,178 @@ def load_source(
     if int(pad) < 0:
         raise ValueError(f"load_source: pad must be >= 0 pixels, got {pad}.")
     key = name.strip().lower()
-    if key == "digits":
+    if "+" in key:
+        source = _load_mixture(name.strip(), data_dir, download, standardize=scale == "default")
+    elif key == "digits":
         source = _load_digits()
     elif key == "mnist":
         source = _load_mnist(data_dir, standardize=scale == "default")
+    elif key == "notmnist":
+        source = _load_notmnist(data_dir)
     else:
         source = _load_tfds(name.strip(), data_dir, download)
     return _pad(source, int(pad)) if pad else source
+
+
+# --------------------------------- mixtures -------------------------------- #
+
+
+def _load_mixture(name: str, data_dir, download: bool, standardize: bool) -> Source:
+    parts = [p.strip() for p in name.split("+")]
+    keys = [p.lower() for p in parts]
+    if not all(parts) or len(set(keys)) != len(keys):
+        raise ValueError(
+            f"load_source({name!r}): a '+' name joins distinct dataset names, e.g. "
+            "'cifar10+mnist+svhn_cropped+fashion_mnist+notmnist'; this one has an empty or repeated part."
+        )
+    sources = []
+    for part, key in zip(parts, keys):
+        if key == "notmnist":
+            sources.append(_load_notmnist(data_dir))
+        elif key == "digits":
+            sources.append(_load_digits())
+        else:  # 'mnist' too: inside a mixture data_dir is the TFDS directory
+            sources.append(_load_tfds(part, data_dir, download))
+    return mix_sources(sources, standardize=standardize, name=name)
+
+
+def mix_sources(sources, *, standardize: bool = True, name: str | None = None) -> Source:
+    """One :class:`Source` of several datasets, each one's classes after the previous ones'.
+
+    Every source's images are padded with zeros (centred; the extra pixel of an odd
+    difference at the bottom / right) to the largest height and width among them and
+    grayscale ones repeated to the largest channel count (3 for any colour part);
+    with ``standardize``, each part's train and test images are then standardised
+    per channel by that part's own training mean and std (a zero std counts as 1).
+    Part ``i``'s labels are offset by the classes of parts ``0..i-1``.
+
+    Args:
+      sources: two or more :class:`Source` s.
+      standardize: as above; False keeps the values (e.g. [0, 1]).
+      name: the result's name (default: the parts' names joined by ``+``).
+
+    Raises:
+      ValueError: fewer than two sources, a non-Source, or a part whose channel count
+        is neither 1 nor the largest one.
+    """
+    sources = list(sources)
+    if len(sources) < 2 or not all(isinstance(s, Source) for s in sources):
+        raise ValueError(f"mix_sources needs two or more clx.data.Source objects, got {sources!r:.200}.")
+    h = max(s.input_shape[0] for s in sources)
+    w = max(s.input_shape[1] for s in sources)
+    c = max(s.input_shape[2] for s in sources)
+    bad = [s.name for s in sources if s.input_shape[2] not in (1, c)]
+    if bad:
+        raise ValueError(
+            f"mix_sources: {bad} have neither 1 nor {c} channels; only grayscale parts are widened (repeated)."
+        )
+    xs = {"train": [], "test": []}
+    ys = {"train": [], "test": []}
+    offset = 0
+    for s in sources:
+        fitted = {split: _fit(getattr(s, f"x_{split}"), h, w, c) for split in ("train", "test")}
+        if standardize:
+            mean = fitted["train"].mean(axis=(0, 1, 2), dtype=np.float64)
+            std = fitted["train"].std(axis=(0, 1, 2), dtype=np.float64)
+            std = np.where(std > 0, std, 1.0)
+            for split in fitted:
+                fitted[split] = ((fitted[split] - mean) / std).astype(np.float32)
+        for split in ("train", "test"):
+            xs[split].append(fitted[split])
+            ys[split].append((getattr(s, f"y_{split}") + offset).astype(np.int32))
+        offset += s.num_classes
+    return Source(
+        name=name or "+".join(s.name for s in sources),
+        x_train=np.concatenate(xs["train"]),
+        y_train=np.concatenate(ys["train"]),
+        x_test=np.concatenate(xs["test"]),
+        y_test=np.concatenate(ys["test"]),
+        num_classes=int(offset),
+    )
+
+
+def _fit(x: np.ndarray, h: int, w: int, c: int) -> np.ndarray:
+    """``x`` (N, h0, w0, c0) zero-padded (centred) to (N, h, w, c0), then channels repeated to c."""
+    dh, dw = h - x.shape[1], w - x.shape[2]
+    if dh or dw:
+        x = np.pad(x, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)))
+    if x.shape[3] != c:
+        x = np.repeat(x, c, axis=3)
+    return np.ascontiguousarray(x, np.float32)
+
+
+# ---------------------------------- notMNIST -------------------------------- #
+
+
+def _tfds_default_dir() -> str:
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets"))
+
+
+def _load_notmnist(data_dir) -> Source:
+    root = os.path.expanduser(os.fspath(data_dir)) if data_dir else _tfds_default_dir()
+    places = [os.path.join(root, "notmnist"), root]
+    found = next((d for d in places if all(os.path.isfile(os.path.join(d, f)) for f in NOTMNIST_FILES)), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"notMNIST: {' and '.join(NOTMNIST_FILES)} are not in {places[0]!r} (nor in {places[1]!r}). notMNIST "
+            "is not a TFDS dataset; 5-datasets (GPM) uses the authors' pickles: download notmnist.zip from "
+            f"{NOTMNIST_URL} (the file GPM's dataloader/five_datasets.py fetches) and unzip it into {places[0]!r} "
+            "(or point data.dir / data_dir at the directory holding <dir>/notmnist/)."
+        )
+    arrays = {}
+    for split, fname in zip(("train", "test"), NOTMNIST_FILES):
+        path = os.path.join(found, fname)
+        with open(path, "rb") as f:
+            try:
+                d = _NumpyUnpickler(f, encoding="latin1").load()
+            except Exception as e:
+                raise ValueError(
+                    f"notMNIST: {path} is not the authors' pickle of numpy arrays ({type(e).__name__}: "
+                    f"{_first_line(e)}); download notmnist.zip again from {NOTMNIST_URL}."
+                ) from e
+        if not isinstance(d, dict) or "features" not in d or "labels" not in d:
+            raise ValueError(
+                f"notMNIST: {path} must hold a dict with 'features' (N, 1, 32, 32) uint8 and 'labels' (N,), "
+                f"got {type(d).__name__} {sorted(d) if isinstance(d, dict) else ''}."
+            )
+        x, y = np.asarray(d["features"]), np.asarray(d["labels"]).reshape(-1)
+        if x.ndim == 4 and x.shape[1] == 1:
+            x = x[:, 0]
+        if x.ndim != 3 or x.dtype != np.uint8 or len(x) != len(y):
+            raise ValueError(
+                f"notMNIST: {path} has features {x.dtype} {x.shape} and {len(y)} labels; expected uint8 "
+                "(N, 1, H, W) and N labels."
+            )
+        arrays[split] = ((x.astype(np.float32) / np.float32(255.0))[..., None], y.astype(np.int32))
+    return Source(
+        name="notmnist",
+        x_train=arrays["train"][0],
+        y_train=arrays["train"][1],
+        x_test=arrays["test"][0],
+        y_test=arrays["test"][1],
+        num_classes=10,
+    )
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays only (no other globals: a data file cannot run code)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "bytearray"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a notMNIST pickle")
 
 
 def _pad(source: Source, pad: int) -> Source:

@@ -67,10 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.stream.class_order = "natural"  # split streams: natural | random
 
     c.model = ml_collections.ConfigDict()
-    c.model.kind = "mlp"  # mlp | lenet | alexnet | vit (methods/_registry.py MODEL_KINDS; CNNs take stream.input_shape)
+    c.model.kind = "mlp"  # mlp | lenet | alexnet | resnet18 | vit (_registry.MODEL_KINDS; CNNs: stream.input_shape)
     c.model.hidden = (100, 100)
     c.model.use_bias = False
     c.model.init = "torch"  # torch (PyTorch Linear default) | xavier (Glorot uniform, Mammoth) | lecun
+    c.model.nf = 20  # kind = resnet18: base filters (GPM's reduced ResNet-18: 20; the full width: 64)
+    c.model.channels = ()  # kind = alexnet: the 3 convs' channels; () = GPM's (64, 128, 256)
+    c.model.fc = ()  # kind = alexnet: the 2 fc widths; () = GPM's (2048, 2048)
     # kind = vit (clx.models.ViT; use_bias and init above apply to it too):
     c.model.patch_size = 0  # side of the square patches; 0 = H // 4 (a 4x4 grid: 7 on MNIST, 2 on 8x8 digits)
     c.model.dim = 64  # token width

@@ -37,7 +37,7 @@ def build_mlp(config, stream, seed: int):
 
 
 #: ``config.model.kind`` values :func:`build_classifier` builds.
-MODEL_KINDS = ("mlp", "lenet", "alexnet", "vit")
+MODEL_KINDS = ("mlp", "lenet", "alexnet", "resnet18", "vit")
 
 # The ViT keyword arguments a pretrained directory must agree on with the config (the rest, e.g. init, only set
 # the random start that the pretrained params replace).
@@ -178,8 +178,10 @@ def build_vit(config, stream, seed: int):
 def build_classifier(config, stream, seed: int):
     """The model of ``config.model.kind`` for ``stream``, as (FunctionalModel, params).
 
-    "mlp": :func:`build_mlp`; "lenet": ``clx.LeNet`` and "alexnet": ``clx.AlexNet``
-    (GPM's), on ``stream.input_shape`` with the stream's outputs and heads
+    "mlp": :func:`build_mlp`; "lenet": ``clx.LeNet``, "alexnet": ``clx.AlexNet`` (GPM's;
+    ``config.model.channels`` / ``fc``, when not empty, its conv channels / fc widths) and
+    "resnet18": ``clx.models.ResNet18`` (GPM's reduced one, ``config.model.nf`` base
+    filters), on ``stream.input_shape`` with the stream's outputs and heads
     (``config.model.init``; LeNet also ``config.model.use_bias``); "vit":
     :func:`build_vit` (``config.model.patch_size``, ``dim``, ``depth``, ``heads``,
     ``mlp_dim``, ``use_bias``, ``init``; ``config.model.pretrained``: a starting point).
@@ -203,10 +205,21 @@ def build_classifier(config, stream, seed: int):
             rngs=nnx.Rngs(seed),
         )
     elif kind == "alexnet":
+        sizes = {k: tuple(config.model.get(f, ())) for k, f in (("channels", "channels"), ("hidden", "fc"))}
         module = clx.models.AlexNet(
             tuple(stream.input_shape),
             stream.num_outputs,
             num_heads=stream.num_heads,
+            init=config.model.init,
+            **{k: v for k, v in sizes.items() if v},  # () = the model's own (GPM's) sizes
+            rngs=nnx.Rngs(seed),
+        )
+    elif kind == "resnet18":
+        module = clx.models.ResNet18(
+            tuple(stream.input_shape),
+            stream.num_outputs,
+            num_heads=stream.num_heads,
+            nf=int(config.model.get("nf", 20)),
             init=config.model.init,
             rngs=nnx.Rngs(seed),
         )

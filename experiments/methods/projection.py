@@ -19,6 +19,7 @@ def gpm_config() -> ml_collections.ConfigDict:
     """``config.gpm``: the paper's Permuted-MNIST values (Saha et al. 2021, App. B)."""
     g = ml_collections.ConfigDict()
     g.threshold = (0.95, 0.99, 0.99)  # per projected layer, or one float (a sweep sets one value for every layer)
+    g.threshold_step = 0.0  # added per task: task t's threshold is threshold + t * step (GPM's CIFAR-100: 0.003)
     g.num_samples = 300  # examples per task in the representation matrices (an int, or one per projected layer)
     g.freeze_vectors = False  # zero 1-D params' gradients (biases, batch norm) after task 0, as the authors' code
     g.layers = ""  # '' = every Dense/Conv kernel; else comma-separated kernel paths or globs ('blocks/*/attn/*/kernel')
@@ -27,11 +28,27 @@ def gpm_config() -> ml_collections.ConfigDict:
 
 def _memory_args(config, hp, name: str) -> dict:
     """GPM's and SGP's shared arguments from ``config.<name>``: threshold (swept ``<name>.threshold`` sets every
-    layer; a traced value becomes a function of the task), num_samples, freeze_vectors."""
+    layer; a traced value becomes a function of the task), plus ``threshold_step`` per task (then a function of
+    the task: ``threshold + t * step``, GPM's 0.97 + 0.003 t on CIFAR-100), num_samples, freeze_vectors.
+
+    Raises ValueError if a concrete threshold plus the step would pass 1 by the stream's last task."""
     g = config[name]
     threshold = g.threshold if isinstance(g.threshold, (int, float)) else tuple(g.threshold)
     threshold = swept(config, hp, f"{name}.threshold", threshold)
-    if clx.tree.concrete(threshold) is None:  # a traced sweep value: the rule takes it as a function of the task
+    step = float(g.get("threshold_step", 0.0))
+    if step:
+        base = threshold
+        last = int(config.stream.num_tasks) - 1
+        if clx.tree.concrete(base) is not None and max(np.atleast_1d(np.asarray(base, float))) + step * last > 1:
+            raise ValueError(
+                f"config.{name}.threshold {base} + {name}.threshold_step {step} x {last} passes 1 by the last of "
+                f"{last + 1} tasks; lower the step or the threshold."
+            )
+        if isinstance(base, tuple):
+            threshold = lambda t: tuple(b + step * t for b in base)  # noqa: E731
+        else:
+            threshold = lambda t: base + step * t  # noqa: E731
+    elif clx.tree.concrete(threshold) is None:  # a traced sweep value: the rule takes it as a function of the task
         traced = threshold
         threshold = lambda t: traced  # noqa: E731
     num_samples = g.num_samples if isinstance(g.num_samples, int) else tuple(g.num_samples)
