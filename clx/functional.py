@@ -327,7 +327,7 @@ def conv_general_dilated(
     Why: on XLA:CPU the backward convolutions that jax's autodiff of
     ``lax.conv_general_dilated`` emits run 10-25x slower inside a ``lax.scan`` /
     while-loop body than jitted alone, while forward convolutions are fast in
-    both (measured, jax 0.8 CPU, LeNet conv2 5x5x20->50 on 12x12, batch 32:
+    both (measured, jax 0.12 CPU, LeNet conv2 5x5x20->50 on 12x12, batch 32:
     kernel gradient 58 ms per step in a scan vs 3.7 ms alone; input gradient
     47 ms vs 5.2 ms). ``clx.fit`` runs each epoch as a ``lax.scan`` of train
     steps, so every conv model trained 5-10x slower than it could. Written as
