@@ -51,7 +51,7 @@ def _check(x, kernel, kg, strides, padding, dn):
         _close(a, b)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     stride=st.sampled_from((1, 2)),
     padding=st.sampled_from(PADDINGS),
@@ -69,7 +69,6 @@ def test_value_and_both_gradients_equal_lax_2d(stride, padding, k, extra, seed):
     "nsp, size, k, strides, padding",
     [
         (2, (9, 8), (5, 3), (2, 1), ((3, 4), (0, 5))),  # pads larger than K - 1: the input-gradient pads go negative
-        (2, (12, 12), (5, 5), (1, 1), "VALID"),  # LeNet's conv2
         (1, (11,), (3,), (2,), "SAME"),
         (3, (5, 6, 4), (2, 3, 1), (1, 2, 1), ((1, 0), (1, 1), (0, 2))),
     ],
