@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from flax import nnx
 
+from clx.functional import conv_general_dilated
 from clx.models._cnn import BatchStatNorm, _apply_head, _as_images, _check_sizes, _head
 from clx.models._mlp import _INITS
 
@@ -40,7 +41,7 @@ class BasicBlock(nnx.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, kernel_init, *, rngs: nnx.Rngs):
-        conv = dict(use_bias=False, kernel_init=kernel_init, rngs=rngs)
+        conv = dict(use_bias=False, kernel_init=kernel_init, conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.conv1 = nnx.Conv(c_in, c_out, (3, 3), strides=stride, padding=_PAD1, **conv)
         self.bn1 = BatchStatNorm(c_out)
         self.conv2 = nnx.Conv(c_out, c_out, (3, 3), strides=1, padding=_PAD1, **conv)
@@ -150,7 +151,17 @@ class ResNet18(nnx.Module):
         kinit = _INITS[init]
         nf = int(nf)
         self.input_shape = (h, w, c)
-        self.conv1 = nnx.Conv(c, nf, (3, 3), strides=1, padding=_PAD1, use_bias=False, kernel_init=kinit, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            c,
+            nf,
+            (3, 3),
+            strides=1,
+            padding=_PAD1,
+            use_bias=False,
+            kernel_init=kinit,
+            conv_general_dilated=conv_general_dilated,
+            rngs=rngs,
+        )
         self.bn1 = BatchStatNorm(nf)
         c_in = nf
         for i, (n, first_stride) in enumerate(zip(blocks, (1, 2, 2, 2))):
