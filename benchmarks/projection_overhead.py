@@ -50,14 +50,14 @@ layers and a result line, e.g.
   the floor is the cheaper route, and clx takes it on every layer (``Q g`` on the
   convs, whose n is large; the factored route on the fc layers).
 
-On XLA's CPU backend (jax 0.12) a conv step inside the trainer's ``lax.scan`` runs
-several times slower than the same step jitted alone or the scan unrolled (LeNet's
-plain step: 138 against 21 ms; conv2's kernel-gradient convolution alone: 61 against
-3.8 ms; its forward convolution: the same in both), so the conv lines' absolute times
-are the trainer's. An epoch of 3 steps ran at the faster speed (XLA may unroll short
-loops), epochs of 12 and 20 steps at the scan's: keep ``--conv-steps`` at 12 or
-more. The AlexNet line takes about 15 minutes on 2 loaded cores at the defaults (7.5 s
-per step in the scan).
+On XLA's CPU backend (jax 0.12) the backward convolutions that autodiff of
+``lax.conv_general_dilated`` emits run 10-25x slower inside a ``lax.scan`` than jitted
+alone (LeNet's conv2 kernel gradient: 61 against 3.8 ms; its forward convolution: the
+same in both), so clx's models use ``clx.functional.conv_general_dilated``, whose
+gradients are forward ops (the patches' product with delta, a flipped-kernel
+convolution): LeNet's plain step in the trainer's scan went from 142.7 to 24.8 ms
+(5.8x) with it, one loaded run. Keep ``--conv-steps`` at 12 or more (XLA may unroll
+a 3-step loop, which hides a loop's costs).
 
     python benchmarks/projection_overhead.py [--models mlp lenet alexnet] [--steps 3000] [--conv-steps 0]
         [--repeats 5] [--batches 10 128]
