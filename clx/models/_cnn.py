@@ -38,6 +38,21 @@ from clx.functional import conv_general_dilated
 from clx.models._mlp import _INITS, MultiHead
 
 
+def _conv(c_in: int, c_out: int, kernel: tuple[int, int], use_bias: bool, kinit, rngs: nnx.Rngs) -> nnx.Conv:
+    """An unpadded stride-1 ``nnx.Conv`` on clx's :func:`clx.functional.conv_general_dilated` (fast gradients
+    inside ``lax.scan`` on CPU)."""
+    return nnx.Conv(
+        c_in,
+        c_out,
+        kernel,
+        padding="VALID",
+        use_bias=use_bias,
+        kernel_init=kinit,
+        conv_general_dilated=conv_general_dilated,
+        rngs=rngs,
+    )
+
+
 class BatchStatNorm(nnx.Module):
     """Batch normalization over every axis but the last, with the batch's own statistics.
 
@@ -163,26 +178,8 @@ class LeNet(nnx.Module):
             raise ValueError(f"LeNet needs inputs of at least 16x16 pixels, got input_shape={tuple(input_shape)}.")
         kinit = _INITS[init]
         self.input_shape = (h, w, c)
-        self.conv1 = nnx.Conv(
-            c,
-            c1,
-            (5, 5),
-            padding="VALID",
-            use_bias=use_bias,
-            kernel_init=kinit,
-            conv_general_dilated=conv_general_dilated,
-            rngs=rngs,
-        )
-        self.conv2 = nnx.Conv(
-            c1,
-            c2,
-            (5, 5),
-            padding="VALID",
-            use_bias=use_bias,
-            kernel_init=kinit,
-            conv_general_dilated=conv_general_dilated,
-            rngs=rngs,
-        )
+        self.conv1 = _conv(c, c1, (5, 5), use_bias, kinit, rngs)
+        self.conv2 = _conv(c1, c2, (5, 5), use_bias, kinit, rngs)
         self.fc = nnx.Linear(oh * ow * c2, int(hidden), use_bias=use_bias, kernel_init=kinit, rngs=rngs)
         self.head = _head(int(hidden), int(num_outputs), int(num_heads), use_bias, kinit, rngs)
 
@@ -259,38 +256,11 @@ class AlexNet(nnx.Module):
             raise ValueError(f"AlexNet needs inputs of at least 19x19 pixels, got input_shape={tuple(input_shape)}.")
         kinit = _INITS[init]
         self.input_shape = (h, w, c)
-        self.conv1 = nnx.Conv(
-            c,
-            ch[0],
-            (4, 4),
-            padding="VALID",
-            use_bias=False,
-            kernel_init=kinit,
-            conv_general_dilated=conv_general_dilated,
-            rngs=rngs,
-        )
+        self.conv1 = _conv(c, ch[0], (4, 4), False, kinit, rngs)
         self.bn1 = BatchStatNorm(ch[0])
-        self.conv2 = nnx.Conv(
-            ch[0],
-            ch[1],
-            (3, 3),
-            padding="VALID",
-            use_bias=False,
-            kernel_init=kinit,
-            conv_general_dilated=conv_general_dilated,
-            rngs=rngs,
-        )
+        self.conv2 = _conv(ch[0], ch[1], (3, 3), False, kinit, rngs)
         self.bn2 = BatchStatNorm(ch[1])
-        self.conv3 = nnx.Conv(
-            ch[1],
-            ch[2],
-            (2, 2),
-            padding="VALID",
-            use_bias=False,
-            kernel_init=kinit,
-            conv_general_dilated=conv_general_dilated,
-            rngs=rngs,
-        )
+        self.conv3 = _conv(ch[1], ch[2], (2, 2), False, kinit, rngs)
         self.bn3 = BatchStatNorm(ch[2])
         self.fc1 = nnx.Linear(s[0] * s[1] * ch[2], hid[0], use_bias=False, kernel_init=kinit, rngs=rngs)
         self.bn4 = BatchStatNorm(hid[0])
