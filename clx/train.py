@@ -63,6 +63,8 @@ EVAL_SAMPLES = 200
 #: own per-iteration cost is a large part of a step on a CPU; unrolling 4 steps cut GPM's plain PMNIST step from
 #: 208 to 126 us on 2 CPU cores (benchmarks/projection_overhead.py), bit for bit the same results.
 SCAN_UNROLL = 4
+# The logit given to outputs outside the seen classes (``seen_classes_only``): exp() of it is 0 in float32.
+_MASKED_LOGIT = -1e30
 
 
 # --- PRNG streams ----------------------------------------------------------------------------------------------------
@@ -181,6 +183,7 @@ class FitOptions:
     eval_every_steps: int | None = None
     eval_samples: int = EVAL_SAMPLES
     on_task_end: Callable[[int, dict], None] | None = None
+    seen_classes_only: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "evidence_samples", "eval_batch_size", "eval_samples"):
@@ -198,6 +201,19 @@ class FitOptions:
                 f"got {type(self.task_metrics).__name__}."
             )
         _check_count("scan_unroll", self.scan_unroll)
+
+
+def _active_k(stream, opts: FitOptions) -> int:
+    """Classes per task for ``seen_classes_only`` (0: off); ValueError outside a class-IL stream."""
+    if not opts.seen_classes_only:
+        return 0
+    if getattr(stream, "scenario", None) != "class_il":
+        raise ValueError(
+            "seen_classes_only masks the outputs of classes not seen yet, which needs a class-IL stream "
+            f"(kind 'split_class_il'); this stream's scenario is {getattr(stream, 'scenario', None)!r}. "
+            "Drop seen_classes_only, or use a class-IL stream."
+        )
+    return stream.num_outputs // stream.num_tasks
 
 
 def check_evaluate(value, name: str = "evaluate") -> None:
@@ -237,6 +253,7 @@ def _train_steps_fn(
     eval_every: int = 0,
     epochs: int = 1,
     eval_batch_size: int = 1000,
+    active_k: int = 0,
 ):
     """Pure ``train_steps(hp, params, rule_state, x, y, task_ids, key_data, task, epoch, start[, probe_x, probe_y],
     *, num_steps)``.
@@ -254,6 +271,9 @@ def _train_steps_fn(
     every task trained so far (0..task; a ``lax.cond`` inside the scan: no host round trip), returning besides
     ``(num_steps, T)`` float32 accuracies (0 where not evaluated, NaN for tasks after ``task``) and the
     ``(num_steps,)`` bool mask of the steps evaluated.
+
+    With ``active_k`` > 0 (class-IL, ``seen_classes_only``) the task loss and the online prediction of task
+    ``task`` use outputs ``0 .. (task + 1) * active_k - 1`` only; ``batch.logits`` stay unmasked for the rule.
     """
     probe_accuracy = _eval_body(model, eval_batch_size) if eval_every else None
 
@@ -268,10 +288,14 @@ def _train_steps_fn(
                 logits, inputs = model.apply_with_taps(params, b.x, b.task_ids, perturbations)
             else:
                 logits, inputs = model.apply(params, b.x, b.task_ids), {}
-            loss = _task_loss(logits, b.y, b.weights)
+            scored = logits
+            if active_k:  # van de Ven's active classes: only the outputs of the classes seen so far
+                seen = jnp.arange(logits.shape[-1]) < (jnp.asarray(task, jnp.int32) + 1) * active_k
+                scored = jnp.where(seen, logits, _MASKED_LOGIT)
+            loss = _task_loss(scored, b.y, b.weights)
             if rule.loss is not None:
                 loss = loss + rule.loss(params, rule_state, b.replace(logits=logits), model.apply)
-            return loss, (inputs, logits)
+            return loss, (inputs, logits, scored)
 
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
         extra_fns = {}
@@ -324,7 +348,7 @@ def _train_steps_fn(
             if wants_key:
                 extra["key"] = step_key(key, task, epoch, i)
                 b = b.replace(key=extra["key"])
-            (loss, (inputs, logits)), (grads, deltas) = grad_fn(params, zeros, rule_state, b)
+            (loss, (inputs, logits, scored)), (grads, deltas) = grad_fn(params, zeros, rule_state, b)
             if rule.loss is not None:
                 # The loss term has read the state (a replay draw: a gather from the buffer); tie the state to the
                 # gradients so that those reads are done before update writes the state (an insert). Without it
@@ -336,7 +360,7 @@ def _train_steps_fn(
                 extra["batch"] = b.replace(logits=jax.lax.stop_gradient(logits))
             updates, rule_state = rule.update(grads, rule_state, params, task_id=task_id, **extra)
             check_like_params(rule, updates, params)  # at trace time only
-            hit = jnp.sum(bw * (jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == b.y))
+            hit = jnp.sum(bw * (jnp.argmax(jax.lax.stop_gradient(scored), axis=-1) == b.y))
             params = optax.apply_updates(params, updates)
             out = (loss * jnp.sum(bw), hit)
             if eval_every:
@@ -433,7 +457,7 @@ class _Programs(NamedTuple):
 
 
 def _programs(
-    model, rule_fn: Callable, needs: frozenset, opts: FitOptions, members: str | None, shardings
+    model, rule_fn: Callable, needs: frozenset, opts: FitOptions, members: str | None, shardings, active_k: int = 0
 ) -> _Programs:
     """Every jitted program of a run: member batching (``members``: None, "vmap",
     "map" or "loop") and out-shardings under a mesh (``shardings``: None or (params,
@@ -451,7 +475,15 @@ def _programs(
 
     every = int(opts.eval_every_steps or 0)
     steps_body = _train_steps_fn(
-        model, rule_fn, opts.batch_size, batch_spec, int(opts.scan_unroll), every, opts.epochs, opts.eval_batch_size
+        model,
+        rule_fn,
+        opts.batch_size,
+        batch_spec,
+        int(opts.scan_unroll),
+        every,
+        opts.epochs,
+        opts.eval_batch_size,
+        active_k,
     )
 
     @functools.cache
@@ -665,6 +697,7 @@ def fit(
     eval_every_steps: int | None = None,
     eval_samples: int = EVAL_SAMPLES,
     on_task_end: Callable[[int, dict], None] | None = None,
+    seen_classes_only: bool = False,
 ) -> FitResult:
     """Trains ``params`` on every task of ``stream`` in order with ``rule``.
 
@@ -735,8 +768,9 @@ def fit(
         task starts); a model that refuses the stream's task ids (a multi-head
         model with fewer heads than tasks); a batch size not divisible by the
         mesh's data axis; a rule whose needs the model cannot meet (names the
-        rule); at the first step's trace, a rule whose updates are not shaped
-        like the params (names the parameter and both shapes).
+        rule); seen_classes_only on a stream that is not class-IL; at the first
+        step's trace, a rule whose updates are not shaped like the params (names
+        the parameter and both shapes).
       TypeError: ``rule`` is neither an optax nor a clx transformation (a plain
         optax transform is wrapped with ``clx.as_continual``).
       clx.checkpoint.CheckpointMismatchError: the checkpoint directory holds a
@@ -761,6 +795,7 @@ def fit(
         eval_every_steps=eval_every_steps,
         eval_samples=eval_samples,
         on_task_end=on_task_end,
+        seen_classes_only=seen_classes_only,
     )
     rule = as_continual(rule, who="fit")
     return _fit(model, [params], lambda hp: rule, None, stream, [seed], opts)
@@ -897,7 +932,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             a, ev_spec if a.shape[1 if members else 0] % shd.data_size(mesh) == 0 else rep
         )
     key_data, hp = place(key_data), place(hp)
-    programs = _programs(model, rule_fn, rule0.needs, opts, members, shardings)
+    programs = _programs(model, rule_fn, rule0.needs, opts, members, shardings, _active_k(stream, opts))
     data = _TaskData(stream, place, place_evidence, opts.cumulative)
     data.check_ahead()
 
@@ -947,6 +982,7 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             "evidence_samples": int(opts.evidence_samples),
             "cumulative": bool(opts.cumulative),
             "every_steps": every,
+            **({"seen_classes_only": True} if opts.seen_classes_only else {}),
             "info": dict(ck.info),
             **({"eval_every_steps": every_eval, "eval_samples": int(opts.eval_samples)} if every_eval else {}),
         }

@@ -268,6 +268,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         evaluate=config.eval.tasks,
         eval_every_steps=config.eval.every_steps,
         eval_samples=int(config.eval.samples),
+        seen_classes_only=bool(config.train.seen_classes_only),
     )
     model, params = plan.first[name]
     log = None

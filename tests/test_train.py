@@ -427,3 +427,37 @@ def test_long_stream_options_are_checked_before_training():
         fit(model, p0, optax.sgd(0.1), _stream(), task_metrics={"a": 1}, **kw)
     with pytest.raises(ValueError, match="dict of scalars"):
         fit(model, p0, optax.sgd(0.1), _stream(), task_metrics=lambda p, x, y, t: {"x": x}, **kw)
+
+
+# --- class-IL over the classes seen so far ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", [0, 1])
+def test_seen_classes_only_gives_the_outputs_of_unseen_classes_no_gradient(task):
+    """Plain SGD on task ``task`` of a 5-task class-IL stream (2 classes a task): with the outputs of the classes
+    not seen yet masked, only the head columns of classes 0 .. 2 (task + 1) - 1 move; unmasked, all ten do."""
+    stream = data.make_stream(_digits(), "split_class_il", 5, seed=0, train_subset=40)
+    model, params = _model()
+    tr = stream.task(task)
+    x, y = jnp.asarray(tr.x_train), jnp.asarray(tr.y_train)
+    rule = clx.chain(optax.sgd(0.5))
+    key_data = jax.random.key_data(jax.random.key(0))
+    for active_k, moved in ((2, list(range(2 * (task + 1)))), (0, list(range(10)))):
+        body = clx.train._train_steps_fn(model, lambda hp: rule, B, active_k=active_k)
+        run = jax.jit(functools.partial(body, num_steps=math.ceil(len(y) / B)))
+        ids = jnp.full(len(y), task, jnp.int32)
+        new, *_ = run(None, _copy(params), rule.init(params), x, y, ids, key_data, task, 0, 0)
+        head, head0 = new["layers"][1], params["layers"][1]
+        changed = [
+            c
+            for c in range(10)
+            if float(jnp.max(jnp.abs(head["kernel"][:, c] - head0["kernel"][:, c]))) > 0
+            or float(jnp.abs(head["bias"][c] - head0["bias"][c])) > 0
+        ]
+        assert changed == moved, (active_k, changed)
+
+
+def test_seen_classes_only_is_refused_outside_class_il_before_training():
+    model, params = _model()
+    with pytest.raises(ValueError, match="seen_classes_only.*class-IL stream.*'domain_il'"):
+        fit(model, params, optax.sgd(0.1), _stream(), epochs=1, batch_size=B, progress=False, seen_classes_only=True)

@@ -89,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.epochs = 5
     c.train.batch_size = 10
     c.train.eval_batch_size = 1000
+    # class-IL: the task loss over the classes seen so far (van de Ven's active classes), not all outputs
+    c.train.seen_classes_only = False
 
     # What is scored after each task (clx.fit's evaluate, task_metrics).
     c.eval = ml_collections.ConfigDict()
