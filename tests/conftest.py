@@ -18,6 +18,19 @@ import sys
 # The Makefile sets it too: this covers a bare `pytest` when numpy is not imported yet.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# JAX's persistent compilation cache, shared by the xdist workers and every child process (the 8-device children,
+# the notebook kernels, the experiment subprocesses) through the environment, set here before any of them starts.
+# Many tests compile the same programs (fit builds fresh jitted closures per call: identical HLO, recompiled);
+# with the cache each is compiled once per suite run. Measured on 2 loaded cores: tests/test_contract.py
+# 473 s -> 246 s wall, 12.6 -> 6.4 CPU minutes, from an empty cache. The cache is keyed by the HLO, the compile
+# options and the jax version, so a stale entry is never used; CLX_TEST_JAX_CACHE=0 switches it off.
+if os.environ.get("CLX_TEST_JAX_CACHE", "1") != "0":
+    import tempfile
+
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "clx-test-jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import pytest  # noqa: E402
 
 NUM_FAKE_DEVICES = 8

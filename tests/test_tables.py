@@ -23,8 +23,10 @@ def test_every_row_builds_a_checked_config_of_its_method(table):
 def test_split_mnist_vdv_rows_use_each_scenarios_stream_and_strengths():
     c = tables._config("split_mnist_vdv", "domain_il", "ewc", (0,))
     assert c.stream.kind == "split_domain_il" and c.ewc.lam == 1e10 and c.si.c == 5e4
+    assert not c.train.seen_classes_only
     c = tables._config("split_mnist_vdv", "class_il", "si", (0,))
     assert c.stream.kind == "split_class_il" and c.ewc.lam == 1e9 and c.si.c == 5e3
+    assert c.train.seen_classes_only  # van de Ven's active classes: the class-IL loss over the classes seen so far
 
 
 def test_unknown_table_or_row_is_refused_before_anything_is_written(tmp_path):
