@@ -236,6 +236,8 @@ def _tfds_missing(source: str, data_dir: str) -> str | None:
 
     try:
         data.load_source(source, data_dir or None, download=False)
+    except FileNotFoundError as e:  # a part read from files the user fetches (notMNIST's pickles)
+        return f"not run: {source} needs files that are not here ({e})"
     except (ValueError, ModuleNotFoundError) as e:
         label = {"cifar100": "CIFAR-100"}.get(source.lower(), source)
         return f"not run: {label} needs TFDS download ({type(e).__name__} offline; see the config's docstring)"

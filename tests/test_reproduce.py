@@ -114,3 +114,18 @@ def test_a_group_selects_its_rows():
         f"pmnist_vdv/{m}" for m in ("finetune", "joint", "ewc", "online_ewc", "si")
     ]
     assert reproduce.select(["pmnist_gpm/gpm", "pmnist_gpm"]) == ["pmnist_gpm/gpm"]
+
+
+def test_missing_data_names_what_is_missing_without_downloading(tmp_path):
+    """The 'not run' reason of a row whose data are not here: MNIST's IDX files, notMNIST's pickles (files the
+    user fetches: FileNotFoundError), a TFDS dataset not prepared (ValueError offline)."""
+    import ml_collections
+
+    def cfg(source, directory):
+        return ml_collections.ConfigDict({"data": {"source": source, "dir": str(directory)}})
+
+    assert reproduce.missing_data(cfg("digits", "")) is None
+    assert "MNIST IDX files are not in" in reproduce.missing_data(cfg("mnist", tmp_path))
+    why = reproduce.missing_data(cfg("notmnist", tmp_path))
+    assert why.startswith("not run: notmnist needs files that are not here") and "notmnist_train.pkl" in why
+    assert list(tmp_path.iterdir()) == []  # nothing fetched, nothing written
