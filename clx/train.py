@@ -203,15 +203,20 @@ class FitOptions:
         _check_count("scan_unroll", self.scan_unroll)
 
 
-def _active_k(stream, opts: FitOptions) -> int:
-    """Classes per task for ``seen_classes_only`` (0: off); ValueError outside a class-IL stream."""
-    if not opts.seen_classes_only:
+def check_seen_classes_only(value, stream, name: str = "seen_classes_only") -> int:
+    """Classes per task k for ``seen_classes_only`` on ``stream`` (0 when ``value`` is false).
+
+    Raises:
+      ValueError: ``value`` set on a stream that is not class-IL (``name`` says where it came from).
+    """
+    if not value:
         return 0
-    if getattr(stream, "scenario", None) != "class_il":
+    scenario = getattr(stream, "scenario", None)
+    if scenario != "class_il":
         raise ValueError(
-            "seen_classes_only masks the outputs of classes not seen yet, which needs a class-IL stream "
-            f"(kind 'split_class_il'); this stream's scenario is {getattr(stream, 'scenario', None)!r}. "
-            "Drop seen_classes_only, or use a class-IL stream."
+            f"{name} masks the outputs of classes not seen yet, which needs a class-IL stream "
+            f"(kind 'split_class_il'); this stream's scenario is {scenario!r}. "
+            f"Drop {name}, or use a class-IL stream."
         )
     return stream.num_outputs // stream.num_tasks
 
@@ -932,7 +937,9 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
             a, ev_spec if a.shape[1 if members else 0] % shd.data_size(mesh) == 0 else rep
         )
     key_data, hp = place(key_data), place(hp)
-    programs = _programs(model, rule_fn, rule0.needs, opts, members, shardings, _active_k(stream, opts))
+    programs = _programs(
+        model, rule_fn, rule0.needs, opts, members, shardings, check_seen_classes_only(opts.seen_classes_only, stream)
+    )
     data = _TaskData(stream, place, place_evidence, opts.cumulative)
     data.check_ahead()
 

@@ -68,7 +68,8 @@ def prepare(config) -> Plan:
         (``experiments.checks``, first); an unknown method, stream kind or dataset name;
         a method's missing config block or bad value (e.g. a GPM threshold, also a
         swept one); a key a method cannot sweep; missing or corrupt data; labels
-        out of range; a batch size the mesh does not divide.
+        out of range; a batch size the mesh does not divide; train.seen_classes_only
+        on a stream that is not class-IL.
     """
     checks.check_config(config)
     chosen = [methods.get(name) for name in methods.parse(config.method)]
@@ -94,6 +95,7 @@ def prepare(config) -> Plan:
         class_order=config.stream.class_order,
         train_subset=config.stream.train_subset or None,
     )
+    clx.train.check_seen_classes_only(config.train.seen_classes_only, stream, "config.train.seen_classes_only")
     mesh = make_data_mesh(config)
     if mesh is not None:
         sharding.check_batch_size(config.train.batch_size, mesh)
