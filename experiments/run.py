@@ -69,11 +69,15 @@ def prepare(config) -> Plan:
         a method's missing config block or bad value (e.g. a GPM threshold, also a
         swept one); a key a method cannot sweep; missing or corrupt data; labels
         out of range; a batch size the mesh does not divide; train.seen_classes_only
-        on a stream that is not class-IL.
+        on a stream that is not class-IL; an unknown train.member_axis.
     """
     checks.check_config(config)
     chosen = [methods.get(name) for name in methods.parse(config.method)]
     clx.train.check_evaluate(config.eval.tasks, "config.eval.tasks")
+    if config.train.member_axis not in clx.train.MEMBER_AXES:
+        raise ValueError(
+            f"config.train.member_axis must be one of {clx.train.MEMBER_AXES}, got {config.train.member_axis!r}."
+        )
     if config.stream.kind not in data.KINDS:
         raise ValueError(f"unknown stream.kind {config.stream.kind!r}; choose one of {sorted(data.KINDS)}.")
     for method in chosen:
@@ -314,6 +318,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
                 hps,
                 plan.stream,
                 seeds=[s for s, _ in members],
+                member_axis=config.train.member_axis,
                 **common,
             )
             per_member = [

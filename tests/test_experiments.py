@@ -40,6 +40,7 @@ def _tiny():
         ("gpm.threshold", (0.9, 0.9), "2 thresholds given for 3 projected layers"),
         ("train.optimizer", "rmsprop", "unknown train.optimizer"),
         ("train.seen_classes_only", True, "config.train.seen_classes_only .* needs a class-IL stream"),
+        ("train.member_axis", "pmap", "config.train.member_axis must be one of"),
     ],
 )
 def test_bad_config_raises_before_writing(workdir_with_old_results, key, value, match):

@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 1000
     # class-IL: the task loss over the classes seen so far (van de Ven's active classes), not all outputs
     c.train.seen_classes_only = False
+    # several members (seeds x sweep values): clx.fit_members' member_axis (auto | vmap | map | loop;
+    # auto = loop on a CPU, vmap elsewhere)
+    c.train.member_axis = "auto"
 
     # What is scored after each task (clx.fit's evaluate, task_metrics).
     c.eval = ml_collections.ConfigDict()
