@@ -11,7 +11,11 @@ on random data, batch 16 by default, SGD 0.01 inside every rule; ``--model lenet
   (Dohare et al. 2024's Permuted MNIST config);
 - ``cbp``: ``cbp(optax.sgd(0.01), 1e-4)`` (decay 0.99, maturity 100: one replacement slot per
   hidden layer per step);
-- ``redo``: ``redo(optax.sgd(0.01), 0.1, 1000)`` (a recycling step every 1,000 steps).
+- ``redo``: ``redo(optax.sgd(0.01), 0.1, 1000)`` (a recycling step every 1,000 steps);
+- ``spectral``: ``clx.chain(spectral_regularization(1e-4), optax.sgd(0.01))`` (one power
+  iteration per kernel per step);
+- ``upgd``: ``upgd(0.01)`` (its defaults: beta_u 0.999, sigma 1e-3, weight decay 1e-3; a
+  Gaussian draw per parameter per step, like ``shrink_perturb_steps``).
 
 Every rule runs the trainer's own jitted train-steps program (``clx.train.make_train_steps_fn``,
 ``--steps`` steps per call, params and state carried from call to call, so CBP's units are mature
@@ -26,6 +30,12 @@ SGD's median, the ratio of the fastest rounds, and every round's time, e.g.
 (illustrative numbers, not a measurement).
 
     python benchmarks/plasticity.py [--steps 1000] [--repeats 5] [--batch 16] [--model mlp|lenet]
+
+``--stream TASKS`` instead times whole runs of ``experiments/configs/pmnist_plasticity.py:adam``
+(backprop, the real MNIST from ../shared/data/mnist, TASKS tasks of 10,000 images at batch 16 with
+each task's evaluation and plasticity diagnostics, compilation included): one seed (``clx.fit``),
+then 8 seeds as one ``clx.fit_members`` program with ``member_axis="vmap"``; it prints both walls
+and their ratio (``--stream-members``, ``--stream-method`` change the 8 and the method).
 """
 
 from __future__ import annotations
@@ -44,11 +54,13 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: experiments
+
 from projection_overhead import square_matmul_gflops  # noqa: E402 -- benchmarks/ is sys.path[0]
 
 import clx  # noqa: E402
 from clx.models import LeNet  # noqa: E402
-from clx.plasticity import cbp, l2_init, redo, shrink_perturb_steps  # noqa: E402
+from clx.plasticity import cbp, l2_init, redo, shrink_perturb_steps, spectral_regularization, upgd  # noqa: E402
 from clx.train import make_train_steps_fn  # noqa: E402
 
 LR = 0.01
@@ -61,7 +73,35 @@ def rules():
         "shrink_perturb_steps": shrink_perturb_steps(optax.sgd(LR), 1e-5, weight_decay=1e-4),
         "cbp": cbp(optax.sgd(LR), 1e-4),
         "redo": redo(optax.sgd(LR), 0.1, 1000),
+        "spectral": clx.chain(spectral_regularization(1e-4), optax.sgd(LR)),
+        "upgd": upgd(LR),
     }
+
+
+def stream_walls(tasks: int, members: int, method: str) -> None:
+    """Whole runs of pmnist_plasticity.py:adam, one seed and ``members`` vmapped seeds; prints the walls."""
+    import tempfile
+
+    from experiments.configs import pmnist_plasticity
+    from experiments.run import run
+
+    walls = {}
+    for m in (1, members):
+        c = pmnist_plasticity.get_config("adam")
+        c.method, c.stream.num_tasks, c.progress = method, tasks, False
+        c.seeds = tuple(range(m))
+        c.train.member_axis = "vmap"  # with one seed: clx.fit
+        c.log.tensorboard = False
+        with tempfile.TemporaryDirectory() as workdir:
+            t0 = time.perf_counter()
+            run(c, workdir)
+            walls[m] = time.perf_counter() - t0
+        print(f"{method}, {tasks} tasks, {m} seed{'s vmapped' if m > 1 else ''}: {walls[m]:.1f} s", flush=True)
+    print(
+        f"{members} vmapped seeds / 1 seed: {walls[members] / walls[1]:.2f}x the wall "
+        f"({walls[members] / walls[1] / members:.2f}x per seed)",
+        flush=True,
+    )
 
 
 def main():
@@ -70,7 +110,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--model", choices=("mlp", "lenet"), default="mlp")
+    ap.add_argument("--stream", type=int, default=0, help="time whole pmnist_plasticity:adam runs of this many tasks")
+    ap.add_argument("--stream-members", type=int, default=8)
+    ap.add_argument("--stream-method", default="finetune")
     args = ap.parse_args()
+    if args.stream:
+        return stream_walls(args.stream, args.stream_members, args.stream_method)
     if args.model == "mlp":
         net, shape = clx.MLP(784, (100, 100), 10, rngs=nnx.Rngs(0)), "MLP 784-100-100-10"
     else:
