@@ -461,3 +461,38 @@ def test_seen_classes_only_is_refused_outside_class_il_before_training():
     model, params = _model()
     with pytest.raises(ValueError, match="seen_classes_only.*class-IL stream.*'domain_il'"):
         fit(model, params, optax.sgd(0.1), _stream(), epochs=1, batch_size=B, progress=False, seen_classes_only=True)
+
+
+# --- the test-set cache ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("evaluate", ["seen", "current"])
+def test_test_set_cache_is_bounded_and_changes_no_result(monkeypatch, evaluate):
+    """With the cache budget cut to about two digits test sets, the placed test sets kept never exceed it (older
+    ones are dropped and rebuilt on demand), and the accuracy matrix and baseline equal those of a run with every
+    set cached, bit for bit."""
+    stream = _stream(num_tasks=5)
+    model, params = _model()
+
+    def run():
+        return fit(
+            model, _copy(params), optax.sgd(0.1), stream, epochs=1, batch_size=B, progress=False, evaluate=evaluate
+        )
+
+    full = run()
+    one = sum(a.nbytes for a in stream.test_set(0))
+    budget = int(2.5 * one)
+    monkeypatch.setattr(clx.train, "_TEST_CACHE_BYTES", budget)
+    kept = []
+    test = clx.train._TaskData.test
+
+    def spy(self, t):
+        out = test(self, t)
+        kept.append(sum(a.nbytes for pair in self._tests.values() for a in pair))
+        return out
+
+    monkeypatch.setattr(clx.train._TaskData, "test", spy)
+    small = run()
+    assert max(kept) <= budget and max(kept) >= 2 * one
+    np.testing.assert_array_equal(small.accuracy_matrix, full.accuracy_matrix)
+    np.testing.assert_array_equal(small.random_baseline, full.random_baseline)
