@@ -143,8 +143,12 @@ class CheckpointOptions:
       directory: the checkpoint directory; if it holds a checkpoint of the same
         run, ``fit`` resumes from it.
       every_steps: also save every this many optimizer steps inside an epoch
-        (0: only at each task end). The epoch's scan then runs this many steps
+        (0: only at task ends). The epoch's scan then runs this many steps
         per jitted call.
+      every_tasks: save at the end of every this many tasks (>= 1) and of the
+        last; on a long stream of short tasks (hundreds of tasks of a second
+        each) a save per task would take most of the run's time. A resumed
+        run repeats the tasks after the last save.
       max_to_keep: recent checkpoints kept (>= 2).
       info: JSON-able facts about the run (method, config) added to the
         fingerprint; a checkpoint whose facts differ is refused.
@@ -153,12 +157,14 @@ class CheckpointOptions:
 
     directory: str
     every_steps: int = 0
+    every_tasks: int = 1
     max_to_keep: int = 3
     info: dict = dataclasses.field(default_factory=dict)
     async_save: bool = True
 
     def __post_init__(self):
         _check_count("checkpoint.every_steps", self.every_steps, 0)
+        _check_count("checkpoint.every_tasks", self.every_tasks, 1)
         _check_count("checkpoint.max_to_keep", self.max_to_keep, 2)
 
 
@@ -1159,7 +1165,8 @@ def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) 
 
             # save
             pos = {"task": t + 1, "epoch": 0, "step": 0}
-            save(dict(pos))
+            if ck is not None and ((t + 1) % ck.every_tasks == 0 or t + 1 == T):
+                save(dict(pos))
             if opts.on_task_end is not None:
                 opts.on_task_end(t, _task_info(t, acc, losses, train_acc, metrics, curves, state, wall(), members))
     finally:  # a failing run (NaN loss, KeyboardInterrupt) still finishes the saves it started

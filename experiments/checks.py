@@ -67,6 +67,7 @@ RULES: dict[str, tuple[Range, str]] = {
     "seed": (OPTIONAL_COUNT, "the run's seed"),
     "seeds": (OPTIONAL_COUNT, "each member's seed"),
     "checkpoint.every_steps": (OPTIONAL_COUNT, "optimizer steps between saves inside a task; 0 = at task ends"),
+    "checkpoint.every_tasks": (COUNT, "tasks between saves at task ends (the last task is always saved)"),
     "checkpoint.max_to_keep": (COUNT, "checkpoints kept"),
     "mesh.shape": (Range(1, integer=True, also=(-1,)), "devices per mesh axis; -1 = the rest"),
     "distributed.num_processes": (OPTIONAL_COUNT, "processes; 0 = auto-detect"),

@@ -257,6 +257,7 @@ def _run_method(method, plan, config, out, on_save) -> dict:
         ckpt = CheckpointOptions(
             os.path.join(out, "checkpoints"),
             every_steps=int(config.checkpoint.every_steps),
+            every_tasks=int(config.checkpoint.every_tasks),
             max_to_keep=int(config.checkpoint.max_to_keep),
             info={"method": name, "config": _fingerprint_config(config, plan.methods), "code": _experiment_code()},
         )

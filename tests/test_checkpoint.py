@@ -343,6 +343,48 @@ def test_every_steps_may_change_on_resume(uninterrupted, killed, tmp_path):
     np.testing.assert_array_equal(resumed.accuracy_matrix, uninterrupted.accuracy_matrix)
 
 
+def test_every_tasks_saves_every_nth_task_end_and_the_last_and_resumes_exactly(tmp_path):
+    """every_tasks=2 on 5 tasks saves after tasks 2, 4 and 5 only; a run that dies after task 3 resumes from task 2
+    and ends with the uninterrupted run's accuracy matrix and losses."""
+    import optax
+
+    import clx
+    from clx.train import CheckpointOptions, fit
+
+    class Crash(Exception):
+        pass
+
+    def crash(t, info):
+        if t == 2:
+            raise Crash
+
+    def run(ckpt_dir, on_save=None, on_task_end=None):
+        m, params = _cl_tiny.model()
+        return fit(
+            m,
+            params,
+            clx.chain(optax.sgd(0.3)),
+            _cl_tiny.stream(5, train_subset=64),
+            epochs=1,
+            batch_size=_cl_tiny.BATCH,
+            evidence_samples=8,
+            progress=False,
+            on_save=on_save,
+            on_task_end=on_task_end,
+            checkpoint=CheckpointOptions(ckpt_dir, every_tasks=2, max_to_keep=5, async_save=False),
+        )
+
+    saved = []
+    full = run(str(tmp_path / "full"), on_save=lambda n, pos: saved.append(pos["task"]))
+    assert saved == [2, 4, 5]
+    with pytest.raises(Crash):
+        run(str(tmp_path / "crashed"), on_task_end=crash)
+    resumed = run(str(tmp_path / "crashed"))
+    assert resumed.resumed_from == {"task": 2, "epoch": 0, "step": 0}
+    np.testing.assert_array_equal(resumed.accuracy_matrix, full.accuracy_matrix)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+
+
 # --- the experiment script checks its workdir before any training -------------------------------------------------
 
 

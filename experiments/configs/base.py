@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.enabled = True
     c.checkpoint.every_steps = 0  # also save every N optimizer steps inside a task (0: task ends only)
+    c.checkpoint.every_tasks = 1  # save at the end of every N-th task (and of the last)
     c.checkpoint.max_to_keep = 3
 
     # Data parallelism over jax.make_mesh of all devices (see docs/scaling.md).

@@ -75,4 +75,5 @@ def get_config(variant: str = "sgd"):
     c.eval.tasks = "current"
     c.eval.plasticity_metrics = True
     c.checkpoint.max_to_keep = 2
+    c.checkpoint.every_tasks = 1 if digits else 25  # tasks of about a second: a save per task would dominate
     return c
