@@ -27,6 +27,7 @@ Randomness comes from named PRNG streams of each seed's key (:func:`shuffle_key`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -904,7 +905,27 @@ def _concrete_hparam(h):
     return float(h) if np.ndim(h) == 0 else tuple(float(v) for v in h)
 
 
+def _lapack_single_threaded():
+    """On a CPU backend, scipy's OpenBLAS (which jaxlib's LAPACK kernels call: the SVD of GPM's bases and of the
+    plasticity metrics, eigh, ...) runs one thread for the duration of a run, the caller's setting restored after.
+
+    Its threads contend with XLA's own for the cores: on 2 cores under load, the SVD of a 300 x 100 feature
+    matrix took 164 ms with OpenBLAS's 2 threads against 0.9 ms with one (784 x 300: 34 against 11 ms), and
+    a 500-task Permuted-MNIST run spent most of its time there."""
+    if jax.default_backend() != "cpu":
+        return contextlib.nullcontext()
+    import scipy.linalg  # noqa: F401 -- loads the OpenBLAS that jaxlib's LAPACK calls, so the limit reaches it
+    import threadpoolctl
+
+    return threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
 def _fit(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) -> FitResult:
+    with _lapack_single_threaded():
+        return _fit_run(model, params_list, rule_fn, hparams, stream, seeds, opts)
+
+
+def _fit_run(model, params_list, rule_fn, hparams, stream, seeds, opts: FitOptions) -> FitResult:
     from clx import checkpoint as ckpt_lib
     from clx import sharding as shd
 

@@ -496,3 +496,31 @@ def test_test_set_cache_is_bounded_and_changes_no_result(monkeypatch, evaluate):
     assert max(kept) <= budget and max(kept) >= 2 * one
     np.testing.assert_array_equal(small.accuracy_matrix, full.accuracy_matrix)
     np.testing.assert_array_equal(small.random_baseline, full.random_baseline)
+
+
+def test_fit_runs_lapack_single_threaded_on_cpu_and_restores_the_setting():
+    """Inside a run on a CPU backend scipy's OpenBLAS (jaxlib's LAPACK) has one thread; after it, the caller's."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if jax.default_backend() != "cpu":
+        pytest.skip("the limit applies on a CPU backend only")
+    import scipy.linalg  # noqa: F401 -- scipy's OpenBLAS (the one jaxlib's LAPACK calls) loaded before the limits
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+        seen = []
+        model, params = _model()
+        fit(
+            model,
+            params,
+            optax.sgd(0.1),
+            _stream(2),
+            epochs=1,
+            batch_size=B,
+            progress=False,
+            on_task_end=lambda t, info: seen.append(
+                [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+            ),
+        )
+        after = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+    assert before and all(n == 2 for n in before)
+    assert seen and all(n == 1 for ns in seen for n in ns)
+    assert after == before
