@@ -504,6 +504,7 @@ def test_fit_runs_lapack_single_threaded_on_cpu_and_restores_the_setting():
     if jax.default_backend() != "cpu":
         pytest.skip("the limit applies on a CPU backend only")
     import scipy.linalg  # noqa: F401 -- scipy's OpenBLAS (the one jaxlib's LAPACK calls) loaded before the limits
+
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         before = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
         seen = []
