@@ -36,12 +36,13 @@ prints now (the numbers as measured):
 Reading it: at clx's own shape (a) clx is 3.4x (backprop) and 5.2x (CBP) faster per task than the
 authors' PyTorch learners, and 19x faster than UPGD's SGD loop at batch 1 (c): there PyTorch's
 per-step Python and dispatch overhead (about 0.8-1.5 ms a step) dominates and clx's one jitted scan
-has none. Where the per-step arithmetic dominates the two meet: Dohare's 784-2000-2000-2000-10 at
-batch 1 (b) is memory-bound matrix-vector work (38 MB of weights read and written every step),
-clx 1.8x faster with backprop and even with CBP (about 53 ms a step on both sides: one
-Online-Permuted-MNIST task of 60,000 steps is ~53 min on either here; clx's CBP costs 4.9x its own
-backprop at this width, lop's 2.7x); UPGD (c) is about even (clx 1.1x slower; about 5 ms a step on both sides, 25-60x
-plain SGD: drawing a fresh normal for each of the 280k weights every step dominates).
+has none. Where the per-step arithmetic dominates the two meet. Dohare's 784-2000-2000-2000-10 at
+batch 1 (b) is memory-bound matrix-vector work (38 MB of weights read and written every step): clx
+is 1.8x faster with backprop (one 60,000-step task ~11 min against ~19 min) and even with CBP
+(about 53 ms a step on both sides, ~53 min a task); clx's CBP costs 4.9x its own backprop at this
+width, lop's 2.7x, so clx's CBP step has room to shrink there. UPGD (c) is about even (clx 1.1x
+slower, about 5 ms a step on both sides): drawing a fresh normal for each of the 280k weights every
+step dominates (clx's UPGD step is 64x its SGD step, torch's 3.1x, its SGD step being mostly overhead).
 
 What is compared (the same layer sizes, batch, number of steps, optimizer and hyperparameters on
 both sides; data pre-made in memory on both sides, so loading is excluded):
