@@ -97,18 +97,21 @@ The networks start from different random weights: ``DeepFFNN`` draws Kaiming-uni
 (bound 1 / sqrt(fan_in)); so the losses printed (a sanity check that both sides train) differ in (b).
 
 Threads: on this machine (2 cores, shared with training jobs, load average 5-7) torch with 2
-threads ran 30-40x slower than with 1 (OpenMP's spinning barrier losing its second core: lop's
-Backprop on 784-100-100-10, batch 16, 27-36 ms per step with 2 threads, 0.7-0.9 ms with 1;
-``OMP_WAIT_POLICY=PASSIVE`` brought 2 threads to 1.3-1.5 ms, still slower than 1), so the default
-is 1 thread, torch's fastest here; ``--torch-threads 1,2`` times both every round and compares clx
-with the faster. JAX runs with its default (XLA's CPU thread pool over both cores).
+threads ran 30-40x slower than with 1 (OpenMP's spinning barrier losing its second core;
+``OMP_WAIT_POLICY=PASSIVE`` brought lop's Backprop at (a) to 1.3-1.5 ms a step with 2 threads,
+still slower than 1 thread's 0.7-0.9 ms), so the default is 1 thread, torch's fastest here;
+``--torch-threads 1,2`` times both every round and compares clx with the faster. JAX runs with its
+default (XLA's CPU thread pool over both cores). ``--cases a --torch-threads 1,2`` (same machine,
+right after the run above; re-wrapped as above):
 
-Timing: each side compiles / warms up on one untimed call (clx: the compiling call and one more;
-torch: one call), then ``--rounds`` rounds; in each round every case runs once on clx, then once
-on torch (its worker waits on a pipe meanwhile), so a change of the machine's load hits both alike.
-Each line gives the median per task and per step over the rounds and every round. Data: MNIST's
-first training images (``--mnist``, default ../shared/data/mnist next to the repository) under one
-fixed pixel permutation, or uniform [0, 1) random images and random labels if it is absent.
+    backprop, 784-100-100-10, batch 16: clx 0.16 s/task, PyTorch (lop) 0.598 s/task -> clx 3.7x faster
+        per step: clx 256 us, torch 957 us; torch 1 thread 0.598, 2 threads 24.9 s/task (clx against the faster)
+        rounds (s/task): clx 0.114, 0.16, 0.193; torch 1t 0.473, 0.598, 0.803; torch 2t 24.9, 26.3, 15.1
+        last-round mean training loss: clx 0.349, torch 0.193
+    cbp, 784-100-100-10, batch 16: clx 0.166 s/task, PyTorch (lop) 0.84 s/task -> clx 5.1x faster
+        per step: clx 265 us, torch 1344 us; torch 1 thread 0.84, 2 threads 35 s/task (clx against the faster)
+        rounds (s/task): clx 0.16, 0.166, 0.226; torch 1t 0.84, 0.798, 0.854; torch 2t 35, 35, 35.9
+        last-round mean training loss: clx 0.340, torch 0.194
 
 Install PyTorch in its own environment (not clx's):
 
