@@ -1,7 +1,7 @@
 """The loss-of-plasticity papers' PyTorch code against clx: seconds per task for the same work.
 
 Measured on 2 CPU cores shared with a training job (three clx training processes were running;
-load average 5-6), clx as installed in /work/main at 164062a (jax 0.12.0.1, CPU), torch 2.13.0+cpu
+load average 5-6), clx at commit 164062a (jax 0.12.0.1, CPU), torch 2.13.0+cpu
 with 1 thread, the authors' code at the commits below, 2026-12-07, the default arguments
 (3 rounds, case (b) timed on 1,000 steps); the run's lines, re-wrapped into the format the script
 prints now (the numbers as measured):
@@ -115,12 +115,12 @@ right after the run above; re-wrapped as above):
 
 Install PyTorch in its own environment (not clx's):
 
-    python3 -m venv /work/torchvenv && /work/torchvenv/bin/pip install torch numpy
+    python3 -m venv torchvenv && torchvenv/bin/pip install torch numpy
 
 Run (the sources extracted from the two repositories, e.g. ``git archive``):
 
-    python benchmarks/plasticity_reference.py --torch-python /work/torchvenv/bin/python \\
-        --lop-dir /work/lop_src --upgd-dir /work/upgd_src [--rounds 5] [--big-steps 2000] [--cases a,b,c]
+    python benchmarks/plasticity_reference.py --torch-python torchvenv/bin/python \\
+        --lop-dir lop_src --upgd-dir upgd_src [--rounds 5] [--big-steps 2000] [--cases a,b,c]
 """
 
 from __future__ import annotations
@@ -328,9 +328,9 @@ def clx_runners(cases, x_np, y_np):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--torch-python", default="/work/torchvenv/bin/python")
-    ap.add_argument("--lop-dir", default="/work/lop_src", help="a checkout of shibhansh/loss-of-plasticity")
-    ap.add_argument("--upgd-dir", default="/work/upgd_src", help="a checkout of mohmdelsayed/upgd")
+    ap.add_argument("--torch-python", default="torchvenv/bin/python")
+    ap.add_argument("--lop-dir", default="lop_src", help="a checkout of shibhansh/loss-of-plasticity")
+    ap.add_argument("--upgd-dir", default="upgd_src", help="a checkout of mohmdelsayed/upgd")
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--mnist", default=os.path.join(here, "..", "..", "shared", "data", "mnist"))
     ap.add_argument("--rounds", type=int, default=3)
