@@ -40,7 +40,9 @@ has none. Where the per-step arithmetic dominates the two meet. Dohare's 784-200
 batch 1 (b) is memory-bound matrix-vector work (38 MB of weights read and written every step): clx
 is 1.8x faster with backprop (one 60,000-step task ~11 min against ~19 min) and even with CBP
 (about 53 ms a step on both sides, ~53 min a task); clx's CBP costs 4.9x its own backprop at this
-width, lop's 2.7x, so clx's CBP step has room to shrink there. UPGD (c) is about even (clx 1.1x
+width, lop's 2.7x, so clx's CBP step had room to shrink there (since commit 1ccc4fd the resets are
+written outside CBP's ``lax.cond``: in a separate run of 200-step calls at this width, CBP went from
+3.16x to 2.28x clx's SGD step; case (b) not rerun against lop since). UPGD (c) is about even (clx 1.1x
 slower, about 5 ms a step on both sides): drawing a fresh normal for each of the 280k weights every
 step dominates (clx's UPGD step is 64x its SGD step, torch's 3.1x, its SGD step being mostly overhead).
 
