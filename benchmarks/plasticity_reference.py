@@ -42,7 +42,15 @@ is 1.8x faster with backprop (one 60,000-step task ~11 min against ~19 min) and 
 (about 53 ms a step on both sides, ~53 min a task); clx's CBP costs 4.9x its own backprop at this
 width, lop's 2.7x, so clx's CBP step had room to shrink there (since commit 1ccc4fd the resets are
 written outside CBP's ``lax.cond``: in a separate run of 200-step calls at this width, CBP went from
-3.16x to 2.28x clx's SGD step; case (b) not rerun against lop since). UPGD (c) is about even (clx 1.1x
+3.16x to 2.28x clx's SGD step). Case (b) rerun after it (``--cases b --rounds 2 --big-steps 500``, the
+same loaded cores):
+
+    backprop, 784-2000-2000-2000-10, batch 1: clx 618 s/task, PyTorch (lop) 1.24e+03 s/task -> clx 2.0x faster
+        per step: clx 10301 us, torch 20717 us; s/task = 120 x 500 timed steps
+    cbp, 784-2000-2000-2000-10, batch 1: clx 1.79e+03 s/task, PyTorch (lop) 2.5e+03 s/task -> clx 1.4x faster
+        per step: clx 29803 us, torch 41749 us; s/task = 120 x 500 timed steps
+
+so clx's CBP is now 2.9x its backprop there, lop's 2.0x. UPGD (c) is about even (clx 1.1x
 slower, about 5 ms a step on both sides): drawing a fresh normal for each of the 280k weights every
 step dominates (clx's UPGD step is 64x its SGD step, torch's 3.1x, its SGD step being mostly overhead).
 
