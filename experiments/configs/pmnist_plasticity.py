@@ -34,7 +34,9 @@ Variants (``--config experiments/configs/pmnist_plasticity.py:VARIANT``):
   drawn per task and seen once (theirs continue a shuffled loader over the whole set). The noise-drawing rules (UPGD,
   shrink & perturb per step) cost about 5 ms a step here at this width (threefry on 2 CPU
   cores), so a million of their steps take hours on a CPU: run them with a smaller
-  ``--config.stream.num_tasks`` there;
+  ``--config.stream.num_tasks`` there. Measured (backprop, seeds 0-2, 1,315 s on 2 loaded cores):
+  online accuracy 86.7 % (tasks 1-10) -> 95.8 % (391-400), no loss of plasticity on MNIST in a
+  million steps (README);
 - ``digits``, ``digits_adam``, ``digits_label_permuted``: the same on scikit-learn's 8x8 digits
   (MLP 64-32-32-10, all 1,438 training images per task, 50 tasks; SGD lr 0.1, since 90 steps of
   1e-2 learn nothing there), about a minute per method, for tests and tutorials.
