@@ -40,6 +40,19 @@ SGD's median, the ratio of the fastest rounds, and every round's time, e.g.
     spectral: 361.2 us/step = 1.84x sgd (fastest rounds: 1.74x); rounds 361, 327, 401, 348, 368
     upgd: 1596.7 us/step = 8.12x sgd (fastest rounds: 7.85x); rounds 1476, 1597, 1584, 1611, 1603
 
+The same on the quiet machine right after (load average under 1):
+
+    float32 matmul throughput: 275.3 GFLOP/s (1024x1024 @ 1024x1024)
+    sgd: 195.0 us/step; rounds 158, 183, 208, 195, 221
+    l2_init: 220.0 us/step = 1.13x sgd (fastest rounds: 1.07x); rounds 170, 219, 220, 238, 244
+    shrink_perturb_steps: 1217.0 us/step = 6.24x sgd (fastest rounds: 6.97x); rounds 1105, 1205, 1303, 1217, 1597
+    cbp: 287.4 us/step = 1.47x sgd (fastest rounds: 1.62x); rounds 287, 290, 383, 257, 283
+    redo: 281.3 us/step = 1.44x sgd (fastest rounds: 1.65x); rounds 281, 287, 336, 262, 266
+    spectral: 366.2 us/step = 1.88x sgd (fastest rounds: 2.04x); rounds 323, 348, 379, 366, 368
+    upgd: 1491.6 us/step = 7.65x sgd (fastest rounds: 8.86x); rounds 1492, 1540, 1404, 1427, 1547
+
+CBP sits at the issue's 1.5x target (median 1.47x; the fastest rounds' ratio 1.62x, the rounds varying by
++-20 %); ``benchmarks/plasticity_reference.py`` measured clx's CBP at 1.16x its backprop at this shape.
 The two noise-drawing rules pay for a standard normal per parameter per step (89,610 here): JAX's
 threefry generator on XLA:CPU costs about 15 ns a number on these cores, about 1.3 ms a step; UPGD's
 own PyTorch code pays about the same (``benchmarks/plasticity_reference.py``).
