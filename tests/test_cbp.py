@@ -382,3 +382,26 @@ def test_conv_bad_layers_raise():
     with pytest.raises(ValueError, match=r"Conv layer 'conv1/kernel' has 2 channels .*\['bn1/scale'\].*layers="):
         cbp(optax.sgd(0.1)).init(p)
     assert set(cbp(optax.sgd(0.1), layers=["fc1"]).init(p).age) == {"fc1/kernel"}  # its Dense layers alone
+
+
+def test_resets_outside_the_cond_give_the_same_numbers_as_inside(monkeypatch):
+    """Large layers write the resets outside the selecting lax.cond, small ones inside it: forced each way on the
+    same 12 Adam steps with replacements at most of them (rate 0.25, maturity 1), params and states agree bit
+    for bit, at steps that replace and steps that do not."""
+    from clx.plasticity import _cbp
+
+    m, p = _model()
+    _, taps = m.apply_with_taps(p, _x())
+    out = {}
+    for name, threshold in (("inside", 1 << 40), ("outside", 0)):
+        monkeypatch.setattr(_cbp, "RESETS_OUTSIDE_COND_ELEMENTS", threshold)
+        step = jax.jit(_update)  # a fresh trace under this threshold
+        params, state, states = p, _RULE.init(p), []
+        for i in range(12):
+            u, state = step(1e-2, 0.25, 1, _grads(params, i), state, params, taps, jax.random.key(i))
+            params = optax.apply_updates(params, u)
+            states.append(state)
+        out[name] = (params, states)
+    replaced = [len(r) for r in _replaced(out["inside"][1])]
+    assert any(replaced) and not all(replaced)  # both kinds of step were exercised
+    chex.assert_trees_all_equal(out["inside"], out["outside"])
