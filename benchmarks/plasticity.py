@@ -51,8 +51,11 @@ The same on the quiet machine right after (load average under 1):
     spectral: 366.2 us/step = 1.88x sgd (fastest rounds: 2.04x); rounds 323, 348, 379, 366, 368
     upgd: 1491.6 us/step = 7.65x sgd (fastest rounds: 8.86x); rounds 1492, 1540, 1404, 1427, 1547
 
-CBP sits at the issue's 1.5x target (median 1.47x; the fastest rounds' ratio 1.62x, the rounds varying by
-+-20 %); ``benchmarks/plasticity_reference.py`` measured clx's CBP at 1.16x its backprop at this shape.
+After CBP's resets went back inside its cond for layers this small (commit 2e08c12), one more run: sgd
+228.6 us/step, l2_init 1.05x, shrink_perturb_steps 6.90x, cbp 1.54x (fastest rounds 1.39x), redo 1.51x
+(1.43x), spectral 1.73x, upgd 7.93x. CBP sits at the issue's 1.5x target (medians 1.47x and 1.54x, the
+fastest rounds' ratio 1.62x and 1.39x, the rounds varying by +-20 %);
+``benchmarks/plasticity_reference.py`` measured clx's CBP at 1.16x its backprop at this shape.
 The two noise-drawing rules pay for a standard normal per parameter per step (89,610 here): JAX's
 threefry generator on XLA:CPU costs about 15 ns a number on these cores, about 1.3 ms a step; UPGD's
 own PyTorch code pays about the same (``benchmarks/plasticity_reference.py``).
