@@ -199,8 +199,7 @@ class FitOptions:
             _check_count("eval_every_steps", self.eval_every_steps, 1)
         if isinstance(self.checkpoint, str):
             object.__setattr__(self, "checkpoint", CheckpointOptions(self.checkpoint))
-        if self.member_axis not in MEMBER_AXES:
-            raise ValueError(f"member_axis must be one of {MEMBER_AXES}, got {self.member_axis!r}.")
+        check_member_axis(self.member_axis)
         check_evaluate(self.evaluate)
         if self.task_metrics is not None and not callable(self.task_metrics):
             raise TypeError(
@@ -226,6 +225,12 @@ def check_seen_classes_only(value, stream, name: str = "seen_classes_only") -> i
             f"Drop {name}, or use a class-IL stream."
         )
     return stream.num_outputs // stream.num_tasks
+
+
+def check_member_axis(value, name: str = "member_axis") -> None:
+    """Raises ValueError unless ``value`` is one of :data:`MEMBER_AXES` (``name`` says where it came from)."""
+    if value not in MEMBER_AXES:
+        raise ValueError(f"{name} must be one of {MEMBER_AXES}, got {value!r}.")
 
 
 def check_evaluate(value, name: str = "evaluate") -> None:
@@ -593,6 +598,7 @@ class _TaskData:
         self.stream, self.place, self.place_evidence, self.cumulative = stream, place, place_evidence, cumulative
         self.seconds = 0.0
         self._tests: dict[int, tuple] = {}  # insertion order = placement order (the eviction order)
+        self._test_bytes = 0  # of the placed sets in self._tests
         self._task: tuple[int, Any] | None = None
         self._checked: set[int] = set()
 
@@ -605,15 +611,9 @@ class _TaskData:
                 self._timed(_check_inputs, f"the stream's source {split}", getattr(src, split))
         if hasattr(self.stream, "test_set"):
             for t in range(self.stream.num_tasks):
-                cached = [a.nbytes for test in self._tests.values() for a in test]
-                if not cached or sum(cached) + sum(cached[-2:]) <= _TEST_CACHE_BYTES:  # room for one more set
-                    self.test(t)
-                else:  # checked now, placed when evaluated
-                    self._timed(self._check_test, t, *self.stream.test_set(t))
-
-    def _check_test(self, t, x, y):
-        _check_inputs(f"task {t} test", x)
-        _check_labels(f"task {t} test", y, self.stream.num_outputs)
+                x, y = self._timed(self._test_arrays, t)
+                if self._test_bytes + x.nbytes + y.nbytes <= _TEST_CACHE_BYTES:  # placed now while they fit,
+                    self._timed(self._cache_test, t, x, y)  # the others when evaluated
 
     def _timed(self, fn, *args):
         s = time.perf_counter()
@@ -644,25 +644,30 @@ class _TaskData:
 
         return self._timed(build)
 
+    def _test_arrays(self, t: int):
+        """Task t's test set on the host, checked."""
+        if hasattr(self.stream, "test_set"):
+            x, y = self.stream.test_set(t)
+        else:
+            task = self._load(t)
+            x, y = task.x_test, task.y_test
+        _check_inputs(f"task {t} test", x)
+        _check_labels(f"task {t} test", y, self.stream.num_outputs)
+        return x, y
+
+    def _cache_test(self, t: int, x, y):
+        """Places task t's test set and caches it, dropping the oldest-placed sets beyond the byte budget."""
+        placed = self.place(x), self.place(y)
+        size = sum(a.nbytes for a in placed)
+        while self._tests and self._test_bytes + size > _TEST_CACHE_BYTES:
+            self._test_bytes -= sum(a.nbytes for a in self._tests.pop(next(iter(self._tests))))
+        self._tests[t] = placed
+        self._test_bytes += size
+        return placed
+
     def test(self, t: int):
         if t not in self._tests:
-
-            def build():
-                if hasattr(self.stream, "test_set"):
-                    x, y = self.stream.test_set(t)
-                else:
-                    task = self._load(t)
-                    x, y = task.x_test, task.y_test
-                self._check_test(t, x, y)
-                return self.place(x), self.place(y)
-
-            placed = self._timed(build)
-            size = sum(a.nbytes for a in placed)
-            cached = sum(a.nbytes for test in self._tests.values() for a in test)
-            while self._tests and cached + size > _TEST_CACHE_BYTES:
-                cached -= sum(a.nbytes for a in self._tests.pop(next(iter(self._tests))))
-            self._tests[t] = placed
-            return placed
+            return self._timed(lambda: self._cache_test(t, *self._test_arrays(t)))
         return self._tests[t]
 
     def probe(self, samples: int):

@@ -74,10 +74,7 @@ def prepare(config) -> Plan:
     checks.check_config(config)
     chosen = [methods.get(name) for name in methods.parse(config.method)]
     clx.train.check_evaluate(config.eval.tasks, "config.eval.tasks")
-    if config.train.member_axis not in clx.train.MEMBER_AXES:
-        raise ValueError(
-            f"config.train.member_axis must be one of {clx.train.MEMBER_AXES}, got {config.train.member_axis!r}."
-        )
+    clx.train.check_member_axis(config.train.member_axis, "config.train.member_axis")
     if config.stream.kind not in data.KINDS:
         raise ValueError(f"unknown stream.kind {config.stream.kind!r}; choose one of {sorted(data.KINDS)}.")
     for method in chosen:
