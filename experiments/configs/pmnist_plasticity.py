@@ -56,24 +56,20 @@ def get_config(variant: str = "sgd"):
         raise ValueError(f"pmnist_plasticity takes one of {VARIANTS} after the colon, got {variant!r}.")
     digits = variant.startswith("digits")
     adam = variant.endswith("adam")
+    online = variant == "label_permuted"  # the UPGD paper's shape: one example a step, 1M examples
     c = base_config()
     c.method = METHODS if adam else METHODS + ",upgd"  # UPGD is an SGD-like optimizer of its own
     c.data.source = "digits" if digits else "mnist"
     c.data.dir = "" if digits else mnist_dir()
     c.stream.kind = "label_permuted" if variant.endswith("label_permuted") else "permuted"
-    c.stream.num_tasks = 50 if digits else 200
+    c.stream.num_tasks = 50 if digits else (400 if online else 200)
     c.stream.train_subset = (0 if digits else 10_000) if c.stream.kind == "permuted" else (0 if digits else 2_500)
-    c.model.hidden = (32, 32) if digits else (100, 100)
-    online = variant == "label_permuted"  # the UPGD paper's shape: one example a step, 1M examples
+    c.model.hidden = (32, 32) if digits else ((300, 150) if online else (100, 100))
     c.model.use_bias = True
     c.train.optimizer = "adam" if adam else "sgd"
     c.train.lr = 1e-3 if adam else (0.1 if digits else 1e-2)  # digits: 90 steps a task, SGD needs 0.1 to learn
     c.train.epochs = 1
-    c.train.batch_size = 16
-    if online:
-        c.stream.num_tasks = 400
-        c.model.hidden = (300, 150)
-        c.train.batch_size = 1
+    c.train.batch_size = 1 if online else 16
     c.eval.tasks = "current"
     c.eval.plasticity_metrics = True
     c.checkpoint.max_to_keep = 2
