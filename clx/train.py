@@ -221,7 +221,7 @@ def check_seen_classes_only(value, stream, name: str = "seen_classes_only") -> i
     if scenario != "class_il":
         raise ValueError(
             f"{name} masks the outputs of classes not seen yet, which needs a class-IL stream "
-            f"(kind 'split_class_il'); this stream's scenario is {scenario!r}. "
+            f"(kind 'split_class_il' or 'permuted_class_il'); this stream's scenario is {scenario!r}. "
             f"Drop {name}, or use a class-IL stream."
         )
     return stream.num_outputs // stream.num_tasks

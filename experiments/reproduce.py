@@ -10,10 +10,9 @@ wall time and hardware of the run, and the command that reruns the row. The rows
 ``experiments.tables.TABLES`` (published values and sources from there; BWT, where the paper gives one,
 from the configs' docstrings) plus the setups that are not a table there: GPM on Permuted MNIST
 (``configs/pmnist_gpm.py``; the GPM rows of the ``pmnist_baselines`` / ``pmnist_projection`` tables are the same
-run and are left out), the hypernetworks (``pmnist_hnet.py``, ``split_mnist_hnet.py``), van de Ven's Permuted
-MNIST (``pmnist_vdv.py``) and 10-split CIFAR-100 (``split_cifar100.py``, no published value: its MLP is not the
-paper's network). ``pmnist_plasticity.py``, ``split_mnist_cnn.py`` and ``digits_default.py`` have no published
-ACC and are listed below the table, not run.
+run and are left out), the hypernetworks (``pmnist_hnet.py``, ``split_mnist_hnet.py``) and 10-split CIFAR-100
+(``split_cifar100.py``, no published value: its MLP is not the paper's network). ``pmnist_plasticity.py``,
+``split_mnist_cnn.py`` and ``digits_default.py`` have no published ACC and are listed below the table, not run.
 
 The work is done by ``experiments.tables`` (configs, reading a finished row, running a missing one); this module
 adds the list of entries, the check of the data, the hardware record and the file. It is run by hand (hours on
@@ -70,10 +69,16 @@ _NONE = {  # rows of the tables without a published value: why
     "pmnist_baselines/finetune": "none: GPM's Table 1 has no fine-tuning row",
     "pmnist_projection/sgp": "none: Saha & Roy 2023 report no Permuted-MNIST number",
     "pmnist_projection/adam_nscl": "none: Wang et al. 2021 report no Permuted-MNIST number",
+    **{
+        f"pmnist_vdv/{row}": "none: configs/pmnist_vdv.py quotes no value for this row"
+        for row, spec in tables.TABLES["pmnist_vdv"].items()
+        if spec[3] is None
+    },
 }
 _BENCHMARK = {
     "split_mnist_derpp": "Split MNIST class-IL (Mammoth), buffer {}",
     "split_mnist_vdv": "Split MNIST {} (van de Ven)",
+    "pmnist_vdv": "Permuted MNIST-10 {} (van de Ven)",
     "pmnist_baselines": "Permuted MNIST-10 (GPM setup)",
     "pmnist_projection": "Permuted MNIST-10 (GPM setup)",
 }
@@ -87,14 +92,13 @@ def _table_entries() -> dict[str, Entry]:
             if table in ("pmnist_baselines", "pmnist_projection") and method == "gpm":
                 continue  # the same run as pmnist_gpm/gpm
             arg = variant.rpartition("_")[2] if table == "split_mnist_derpp" else _SCENARIO.get(variant, variant)
-            bwt = _GPM_BWT.get(method) if table.startswith("pmnist") else None
+            bwt = _GPM_BWT.get(method) if table in ("pmnist_baselines", "pmnist_projection") else None
             name = f"{table}/{row}"
             out[name] = Entry(module, variant, method, _BENCHMARK[table].format(arg), acc, bwt, _NONE.get(name, source))
     return out
 
 
 def _new_entries() -> dict[str, Entry]:
-    vdv = "van de Ven & Tolias 2019, domain-IL (recalled; configs/pmnist_vdv.py)"
     cifar = "none: the config's MLP on raw pixels is not the paper's network (configs/split_cifar100.py)"
     out = {
         "pmnist_gpm/gpm": Entry(
@@ -129,11 +133,6 @@ def _new_entries() -> dict[str, Entry]:
             "as quoted in hypercl issue 4)",
         ),
     }
-    for method, acc in (("finetune", None), ("joint", None), ("ewc", 94.3), ("online_ewc", 94.4), ("si", 95.3)):
-        source = vdv if acc is not None else "none: configs/pmnist_vdv.py quotes no value for this method"
-        out[f"pmnist_vdv/{method}"] = Entry(
-            "pmnist_vdv", None, method, "Permuted MNIST-10 domain-IL (van de Ven)", acc, None, source
-        )
     from experiments.configs import split_cifar100
 
     methods = split_cifar100.get_config().method.split(",")

@@ -16,6 +16,8 @@ Tables (the published values and where they come from are in each config's docst
   200 / 500 / 5120 (``configs/split_mnist_derpp.py``);
 - ``split_mnist_vdv``: van de Ven & Tolias 2019, Split MNIST in the three scenarios
   (``configs/split_mnist_vdv.py``);
+- ``pmnist_vdv``: van de Ven & Tolias 2019, Permuted MNIST in the three scenarios
+  (``configs/pmnist_vdv.py``; no class-IL value is quoted);
 - ``pmnist_baselines``: GPM's Permuted-MNIST table (``configs/pmnist_baselines.py``);
 - ``pmnist_projection``: the gradient-projection family on GPM's Permuted-MNIST setup
   (``configs/pmnist_projection.py``).
@@ -57,6 +59,17 @@ TABLES: dict[str, dict[str, tuple]] = {
             "online_ewc": (99.1, 64.3, 20.0),
             "si": (99.1, 65.4, 20.0),
             "lwf": (99.6, 71.5, 23.9),
+        }.items()
+        for s, acc in zip(("task_il", "domain_il", "class_il"), accs)
+    },
+    "pmnist_vdv": {
+        f"{m}_{s}": ("pmnist_vdv", s, m, acc, _VDV if acc is not None else "")
+        for m, accs in {
+            "finetune": (None, None, None),
+            "joint": (None, None, None),
+            "ewc": (94.7, 94.3, None),
+            "online_ewc": (96.0, 94.4, None),
+            "si": (94.8, 95.3, None),
         }.items()
         for s, acc in zip(("task_il", "domain_il", "class_il"), accs)
     },

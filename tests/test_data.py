@@ -517,6 +517,8 @@ def test_tfds_split_reader_uses_batched_reads():
         ("split_domain_il", "domain_il", 2, 1),
         ("split_class_il", "class_il", 6, 1),
         ("label_permuted", "domain_il", 6, 1),
+        ("permuted_task_il", "task_il", 6, 3),
+        ("permuted_class_il", "class_il", 18, 1),
     ],
 )
 def test_stream_attributes(kind, scenario, outputs, heads):
@@ -747,6 +749,28 @@ def test_split_digits_task_il_labels(digits):
     np.testing.assert_array_equal(cil.y_test, digits.y_test[np.isin(digits.y_test, (6, 7))])
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_permuted_scenarios_share_the_inputs_and_shift_the_class_il_labels(seed):
+    """van de Ven & Tolias's three Permuted-MNIST scenarios: the same permuted images in every scenario; task-IL
+    and domain-IL keep the digit as the label (task-IL with one head per task), class-IL gives task t's digit c the
+    label t * C + c of one head of T * C outputs."""
+    src = synthetic_source()
+    C, T = src.num_classes, 3
+    dom = make_stream(src, "permuted", T, seed)
+    til = make_stream(src, "permuted_task_il", T, seed)
+    cil = make_stream(src, "permuted_class_il", T, seed)
+    assert (til.num_heads, til.num_outputs, cil.num_heads, cil.num_outputs) == (T, C, 1, T * C)
+    for t in range(T):
+        d, a, c = dom.task(t), til.task(t), cil.task(t)
+        for x in (a.x_train, c.x_train):
+            assert x.tobytes() == d.x_train.tobytes()
+        assert a.x_test.tobytes() == d.x_test.tobytes() == c.x_test.tobytes()
+        np.testing.assert_array_equal(a.y_train, src.y_train)
+        np.testing.assert_array_equal(c.y_train, src.y_train + t * C)
+        np.testing.assert_array_equal(c.y_test, src.y_test + t * C)
+        assert c.classes == a.classes == tuple(range(C))
+
+
 @FAST
 @given(subset=st.integers(1, 40), seed=st.integers(0, 1000))
 def test_split_train_subset(subset, seed):
@@ -821,7 +845,18 @@ def test_mnist_unit_scale(mnist):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-@pytest.mark.parametrize("kind", ["permuted", "rotated", "split_task_il", "split_domain_il", "split_class_il"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "permuted",
+        "rotated",
+        "split_task_il",
+        "split_domain_il",
+        "split_class_il",
+        "permuted_task_il",
+        "permuted_class_il",
+    ],
+)
 def test_test_set_equals_task_test_split(kind, cache, monkeypatch):
     if not cache:  # the uncached path recomputes the test split every call
         monkeypatch.setattr("clx.data._streams._TEST_CACHE_BYTES", 0)

@@ -31,7 +31,7 @@ def test_every_entry_names_an_existing_config_that_builds_and_passes_the_checks_
     for module in reproduce.NOT_ROWS:
         assert os.path.isfile(os.path.join(configs, f"{module}.py")), module
     # the setups tables.py does not cover are rows; GPM on Permuted MNIST is one row, not three
-    for name in ("pmnist_gpm/gpm", "pmnist_hnet/hnet", "split_mnist_hnet/hnet_class_il", "pmnist_vdv/si"):
+    for name in ("pmnist_gpm/gpm", "pmnist_hnet/hnet", "split_mnist_hnet/hnet_class_il", "pmnist_vdv/si_domain_il"):
         assert name in reproduce.ENTRIES
     assert sum(e.method == "gpm" and e.benchmark.startswith("Permuted") for e in reproduce.ENTRIES.values()) == 1
     assert reproduce.ENTRIES["pmnist_gpm/gpm"][4:6] == (93.91, -3.0)
@@ -111,7 +111,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
 
 def test_a_group_selects_its_rows():
     assert reproduce.select(["pmnist_vdv"]) == [
-        f"pmnist_vdv/{m}" for m in ("finetune", "joint", "ewc", "online_ewc", "si")
+        f"pmnist_vdv/{m}_{s}"
+        for m in ("finetune", "joint", "ewc", "online_ewc", "si")
+        for s in ("task_il", "domain_il", "class_il")
     ]
     assert reproduce.select(["pmnist_gpm/gpm", "pmnist_gpm"]) == ["pmnist_gpm/gpm"]
 

@@ -29,6 +29,17 @@ def test_split_mnist_vdv_rows_use_each_scenarios_stream_and_strengths():
     assert c.train.seen_classes_only  # van de Ven's active classes: the class-IL loss over the classes seen so far
 
 
+def test_pmnist_vdv_rows_use_each_scenarios_head_and_the_authors_strengths():
+    c = tables._config("pmnist_vdv", "task_il", "online_ewc", (0,))
+    assert c.stream.kind == "permuted_task_il" and (c.ewc.lam, c.online_ewc.lam, c.online_ewc.gamma) == (100, 500, 0.8)
+    c = tables._config("pmnist_vdv", "domain_il", "si", (0,))
+    assert c.stream.kind == "permuted" and c.si.c == 5 and not c.train.seen_classes_only
+    c = tables._config("pmnist_vdv", "class_il", "ewc", (0,))
+    assert c.stream.kind == "permuted_class_il" and (c.ewc.lam, c.si.c) == (1, 0.1) and c.train.seen_classes_only
+    with pytest.raises(ValueError, match="pmnist_vdv takes one of"):
+        tables._config("pmnist_vdv", "class", "ewc", (0,))
+
+
 def test_unknown_table_or_row_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="unknown table 'nosuch'; choose one of"):
         tables.build("nosuch", str(tmp_path), (0,))

@@ -457,6 +457,29 @@ def test_seen_classes_only_gives_the_outputs_of_unseen_classes_no_gradient(task)
         assert changed == moved, (active_k, changed)
 
 
+@pytest.mark.parametrize("task", [0, 1])
+def test_seen_classes_only_on_permuted_class_il_trains_only_the_outputs_seen(task):
+    """van de Ven's Permuted-MNIST class-IL: task t owns outputs 10t .. 10t+9 of one head of 20; with the loss over
+    the classes seen so far (k from the stream: 10), plain SGD on task ``task`` moves outputs 0 .. 10 (task + 1) - 1
+    only, and the labels it trains on are task ``task``'s (10 task .. 10 task + 9)."""
+    stream = data.make_stream(_digits(), "permuted_class_il", 2, seed=0, train_subset=40)
+    active_k = clx.train.check_seen_classes_only(True, stream)
+    assert active_k == 10
+    model, params = _model(out=20)
+    tr = stream.task(task)
+    x, y = jnp.asarray(tr.x_train), jnp.asarray(tr.y_train)
+    assert set(np.unique(tr.y_train)) <= set(range(10 * task, 10 * task + 10))
+    rule = clx.chain(optax.sgd(0.5))
+    body = clx.train._train_steps_fn(model, lambda hp: rule, B, active_k=active_k)
+    run = jax.jit(functools.partial(body, num_steps=math.ceil(len(y) / B)))
+    ids = jnp.full(len(y), task, jnp.int32)
+    key_data = jax.random.key_data(jax.random.key(0))
+    new, *_ = run(None, _copy(params), rule.init(params), x, y, ids, key_data, task, 0, 0)
+    head, head0 = new["layers"][1]["kernel"], params["layers"][1]["kernel"]
+    moved = [c for c in range(20) if float(jnp.max(jnp.abs(head[:, c] - head0[:, c]))) > 0]
+    assert moved == list(range(10 * (task + 1))), moved
+
+
 def test_seen_classes_only_is_refused_outside_class_il_before_training():
     model, params = _model()
     with pytest.raises(ValueError, match="seen_classes_only.*class-IL stream.*'domain_il'"):

@@ -9,8 +9,9 @@ Two layers:
   or several joined by ``+`` (:func:`mix_sources`: GPM's 5-datasets).
 * :class:`TaskStream` (``clx.data._streams``): a deterministic sequence of
   :class:`Task` s made from a source by :func:`make_stream`, one of :data:`KINDS`
-  (``permuted``, ``rotated``, ``split_task_il``, ``split_domain_il``, ``split_class_il``,
-  ``label_permuted``, ``finetune``: the :data:`FINETUNE_CHANGES` in order) with its scenario.
+  (``permuted``, ``permuted_task_il``, ``permuted_class_il``, ``rotated``, ``split_task_il``,
+  ``split_domain_il``, ``split_class_il``, ``label_permuted``, ``finetune``: the
+  :data:`FINETUNE_CHANGES` in order) with its scenario.
 
 See those modules for shapes, label conventions and the errors raised.
 """

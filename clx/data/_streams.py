@@ -12,6 +12,12 @@ kind                scenario     what changes between tasks
 ``permuted``        domain_il    a fixed random pixel permutation per task
                                  (Permuted MNIST, Goodfellow et al. 2013, "An empirical
                                  investigation of catastrophic forgetting...")
+``permuted_task_il`` task_il     the same permutations; one head of ``num_classes``
+                                 outputs per task (van de Ven & Tolias 2019's
+                                 Permuted-MNIST task-IL)
+``permuted_class_il`` class_il   the same permutations; task ``t``'s class ``c`` is
+                                 label ``t * num_classes + c`` of one shared head of
+                                 ``num_tasks * num_classes`` outputs (their class-IL)
 ``rotated``         domain_il    every image rotated by ``t * max_angle / num_tasks``
                                  degrees (Rotated MNIST, Lopez-Paz & Ranzato 2017, GEM)
 ``split_task_il``   task_il      a disjoint group of classes; labels 0..k-1 inside the
@@ -36,12 +42,17 @@ kind                scenario     what changes between tasks
 
 Each kind is one :class:`_KindSpec` entry of ``_KIND_SPECS`` (its scenario, whether
 tasks are class groups, its heads, its label map and its input change); adding a kind
-means adding one entry there (and a row above).
+means adding one entry there (and a row above). The outputs per head follow from the
+scenario: ``k`` (a task's classes: ``num_classes // num_tasks`` for the split kinds, all
+``num_classes`` otherwise), ``num_tasks * k`` in class-IL.
 
 Label conventions (``Task.classes`` lists the original class ids of a task in the
 order of the stream's class order):
 
-* permuted / rotated / finetune: labels are the source labels, ``num_outputs = num_classes``.
+* permuted / rotated / finetune / permuted_task_il: labels are the source labels, ``num_outputs = num_classes``
+  (permuted_task_il: ``num_heads = num_tasks``).
+* permuted_class_il: task ``t``'s label of class ``c`` is ``t * num_classes + c``;
+  ``num_outputs = num_tasks * num_classes``.
 * label_permuted: task ``t``'s label of class ``c`` is ``perm_t[c]``, the ``t``-th of
   ``num_tasks`` permutations of ``0..C-1`` drawn in order from
   ``np.random.default_rng([seed, 0x1AB31])`` (task 0 is permuted too);
@@ -94,8 +105,6 @@ class _KindSpec:
         training) and task ``t`` holds only the examples of group ``t``. False: every
         task holds every example and ``k = num_classes``.
       head_per_task: True: ``num_heads = num_tasks``; False: one shared head.
-      outputs_per_group: True: labels lie in ``0..k-1`` and ``num_outputs = k``;
-        False: ``num_outputs = num_classes``.
       labels: ``(class_order, k, num_tasks, seed) -> lut``: an int32 ``(num_classes,)``
         table from source label to task label (the same for every task), an int32
         ``(num_tasks, num_classes)`` table (row ``t`` for task ``t``), or None to keep
@@ -108,7 +117,6 @@ class _KindSpec:
     scenario: str
     split: bool
     head_per_task: bool
-    outputs_per_group: bool
     labels: Callable[[tuple[int, ...], int, int, int], np.ndarray | None]
     inputs: Callable[[Source, int, int, float], _InputChange]
 
@@ -138,6 +146,13 @@ def _labels_in_order(class_order, k, num_tasks, seed):
     """Class-IL: position of the class in the stream's class order."""
     lut = np.full((len(class_order),), -1, np.int32)
     lut[np.asarray(class_order)] = np.arange(len(class_order), dtype=np.int32)
+    return lut
+
+
+def _labels_after_tasks(class_order, k, num_tasks, seed):
+    """Class-IL over whole tasks: row ``t`` maps the class at position ``i`` of the class order to ``t * k + i``."""
+    lut = np.empty((num_tasks, len(class_order)), np.int32)
+    lut[:, np.asarray(class_order)] = np.arange(num_tasks, dtype=np.int32)[:, None] * k + np.arange(k, dtype=np.int32)
     return lut
 
 
@@ -257,7 +272,6 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "domain_il",
         split=False,
         head_per_task=False,
-        outputs_per_group=False,
         labels=_source_labels,
         inputs=_permuted,
     ),
@@ -265,7 +279,6 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "domain_il",
         split=False,
         head_per_task=False,
-        outputs_per_group=False,
         labels=_source_labels,
         inputs=_rotated,
     ),
@@ -273,7 +286,6 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "task_il",
         split=True,
         head_per_task=True,
-        outputs_per_group=True,
         labels=_labels_in_group,
         inputs=_unchanged,
     ),
@@ -281,7 +293,6 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "domain_il",
         split=True,
         head_per_task=False,
-        outputs_per_group=True,
         labels=_labels_in_group,
         inputs=_unchanged,
     ),
@@ -289,7 +300,6 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "class_il",
         split=True,
         head_per_task=False,
-        outputs_per_group=False,
         labels=_labels_in_order,
         inputs=_unchanged,
     ),
@@ -297,7 +307,6 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "domain_il",
         split=False,
         head_per_task=False,
-        outputs_per_group=False,
         labels=_labels_permuted,
         inputs=_unchanged,
     ),
@@ -305,9 +314,22 @@ _KIND_SPECS: dict[str, _KindSpec] = {
         "domain_il",
         split=False,
         head_per_task=False,
-        outputs_per_group=False,
         labels=_source_labels,
         inputs=_finetune,
+    ),
+    "permuted_task_il": _KindSpec(
+        "task_il",
+        split=False,
+        head_per_task=True,
+        labels=_source_labels,
+        inputs=_permuted,
+    ),
+    "permuted_class_il": _KindSpec(
+        "class_il",
+        split=False,
+        head_per_task=False,
+        labels=_labels_after_tasks,
+        inputs=_permuted,
     ),
 }
 
@@ -331,8 +353,8 @@ class Task:
       x_test: ``(m, H, W, C)`` float32.
       y_test: ``(m,)`` int32.
       classes: original class ids of the task, in stream class order; for split
-        streams ``classes[i]`` is the class behind task-IL label ``i`` / class-IL
-        label ``task_id * k + i``.
+        streams and permuted_class_il ``classes[i]`` is the class behind task-IL
+        label ``i`` / class-IL label ``task_id * k + i``.
     """
 
     task_id: int
@@ -352,14 +374,15 @@ class TaskStream:
     cached while all of them together are small.
 
     Attributes:
-      kind: ``'permuted' | 'rotated' | 'split_task_il' | 'split_domain_il' | 'split_class_il' | 'label_permuted'
-        | 'finetune'``.
-      scenario: ``'domain_il'`` (permuted, rotated, split_domain_il, label_permuted, finetune), ``'task_il'`` or
-        ``'class_il'``.
+      kind: one of :data:`KINDS` (``'permuted' | 'permuted_task_il' | 'permuted_class_il' | 'rotated' |
+        'split_task_il' | 'split_domain_il' | 'split_class_il' | 'label_permuted' | 'finetune'``).
+      scenario: ``'domain_il'`` (permuted, rotated, split_domain_il, label_permuted, finetune), ``'task_il'``
+        (split_task_il, permuted_task_il) or ``'class_il'`` (split_class_il, permuted_class_il).
       num_tasks: number of tasks ``T``.
-      num_outputs: logits per head: ``num_classes`` (permuted, rotated,
-        split_class_il, label_permuted, finetune) or ``num_classes // num_tasks`` (split_task_il, split_domain_il).
-      num_heads: ``num_tasks`` for split_task_il, else 1.
+      num_outputs: logits per head: ``num_classes`` (permuted, permuted_task_il, rotated,
+        split_class_il, label_permuted, finetune), ``num_classes // num_tasks`` (split_task_il,
+        split_domain_il) or ``num_tasks * num_classes`` (permuted_class_il).
+      num_heads: ``num_tasks`` for split_task_il and permuted_task_il, else 1.
       input_shape: ``(H, W, C)``.
       class_order: all class ids in the stream's order (``tuple(range(C))`` unless
         ``class_order='random'`` in a split stream).
@@ -405,7 +428,7 @@ class TaskStream:
 
     @property
     def num_outputs(self) -> int:
-        return self._k if self._spec.outputs_per_group else self._source.num_classes
+        return self._k * self._num_tasks if self._spec.scenario == "class_il" else self._k
 
     @property
     def num_heads(self) -> int:
@@ -556,8 +579,10 @@ def make_stream(
       kind: ``'permuted'`` -- task ``t`` applies the ``t``-th of ``num_tasks`` fixed
         pixel permutations (over the ``H*W*C`` flattened values, drawn in order from
         ``np.random.default_rng(seed)``; task 0 is permuted too), labels unchanged
-        (Goodfellow et al. 2013). ``'rotated'`` -- task ``t`` rotates every image by
-        ``t * max_angle / num_tasks`` degrees (``scipy.ndimage.rotate``,
+        (Goodfellow et al. 2013); ``'permuted_task_il'`` the same tasks with one head
+        per task, ``'permuted_class_il'`` with task ``t``'s class ``c`` as label
+        ``t * num_classes + c`` of one head (van de Ven & Tolias 2019). ``'rotated'``
+        -- task ``t`` rotates every image by ``t * max_angle / num_tasks`` degrees (``scipy.ndimage.rotate``,
         ``reshape=False``, bilinear ``order=1``, corners filled with the darkest
         training pixel, i.e. the background), labels unchanged; task 0 is the
         source. ``'split_task_il'`` / ``'split_domain_il'`` / ``'split_class_il'`` --

@@ -5,8 +5,9 @@ them (EWC lambda 1e5 / 1e10 / 1e9 and SI c 10 / 5e4 / 5e3 for task / domain / cl
 Permuted MNIST lambda 100: a config file sets the scenario's value), else the method's
 paper (MAS lambda 1, LwF T 2). Whatever the scenario needs from the model comes from the
 model and the stream kind: a multi-head model (``head/kernel`` of shape (H, d, k)) has
-every old head distilled by LwF; on a ``split_class_il`` stream the Fisher and LwF's
-softmax cover the classes seen so far (van de Ven's code), k = outputs / tasks.
+every old head distilled by LwF; on a class-IL stream (``split_class_il``,
+``permuted_class_il``) the Fisher and LwF's softmax cover the classes seen so far (van
+de Ven's code), k = outputs / tasks.
 
 Sample sizes: ``num_samples = 0`` means the whole task, as van de Ven's ``fisher_n=None``
 and MAS's training set (the evidence is capped at the task's size); the methods that read
@@ -41,12 +42,12 @@ def num_heads(model) -> int | None:
 
 
 def classes_per_task(config, model) -> int | None:
-    """k = outputs / tasks on a ``split_class_il`` stream (labels t*k..(t+1)*k-1), else None.
+    """k = outputs / tasks on a class-IL stream (labels t*k..(t+1)*k-1), else None.
 
     Raises:
       ValueError: the model has no shared output layer to read the outputs from.
     """
-    if config.stream.kind != "split_class_il":
+    if clx.data.KINDS.get(config.stream.kind) != "class_il":
         return None
     layers = [(int(p.split("/")[1]), s) for p, s in _kernels(model).items() if p.startswith("layers/")]
     if not layers:
