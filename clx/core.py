@@ -152,6 +152,10 @@ class Evidence:
         with extra leading axes contributes one column per position.
       apply_fn: ``apply_fn(params, x, task_id) -> logits`` (static field), for
         rules that need logits or per-example gradients.
+      apply_with_taps: the model's ``apply_with_taps`` when it is a :class:`TappedModel`,
+        else None (static field): per-example quantities of Dense layers without
+        per-example gradients (the factored Fisher of
+        :func:`clx.regularization.diagonal_fisher`).
     """
 
     task_id: jax.Array
@@ -159,6 +163,7 @@ class Evidence:
     y: jax.Array
     representations: dict[str, jax.Array]
     apply_fn: Callable[..., jax.Array] = struct.field(pytree_node=False, default=None)
+    apply_with_taps: Callable | None = struct.field(pytree_node=False, default=None)
 
 
 @runtime_checkable

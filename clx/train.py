@@ -513,7 +513,8 @@ def _programs(
     evidence = program(_evidence_body(model, "representations" in needs), (0, 0, None), rep)
 
     def consolidate_body(hp, state, params, task_id, x, y, reps):
-        moves, state = rule_fn(hp).consolidate(state, params, Evidence(task_id, x, y, reps, model.apply))
+        ev = Evidence(task_id, x, y, reps, model.apply, getattr(model, "apply_with_taps", None))
+        moves, state = rule_fn(hp).consolidate(state, params, ev)
         return (params if moves is None else optax.apply_updates(params, moves)), state
 
     consolidate = program(consolidate_body, (0, 0, 0, None, 0, 0, 0), (p_shard, s_shard))

@@ -126,6 +126,68 @@ def test_fisher_over_the_seen_classes_is_the_softmax_over_them():
     _close(got, {"w": want_w / len(x), "b": want_b / len(x)})
 
 
+def _tapped(kind):
+    """A small TappedModel and its params: an MLP with biases and a shared head, one with 3 heads (clx.MultiHead,
+    untapped: the per-example way), or a LeNet (convs over many positions: the per-example way)."""
+    rngs = nnx.Rngs(0)
+    if kind == "lenet":
+        module = clx.models.LeNet((16, 16, 1), 5, channels=(3, 4), hidden=6, use_bias=True, rngs=rngs)
+    else:
+        module = clx.MLP(64, (16, 12), 5, num_heads=3 if kind == "heads" else 1, use_bias=True, rngs=rngs)
+    return clx.FunctionalModel.from_module(module)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "heads", "lenet"])
+@pytest.mark.parametrize("variant", ["true", "empirical", "sample", "predicted"])
+def test_factored_fisher_equals_the_per_example_fisher(kind, variant):
+    """Given apply_with_taps, the Dense layers' Fisher is (X * X)^T (Delta * Delta) with no per-example gradient
+    formed: the same numbers as the per-example way, every variant, over the seen classes too, for every leaf (the
+    heads and the convs go the per-example way beside it), whatever the chunk size."""
+    from clx.regularization._fisher import _factored_layers
+
+    model, params = _tapped(kind)
+    rng = np.random.default_rng(0)
+    side = 16 if kind == "lenet" else 8
+    x = jnp.asarray(rng.normal(size=(23, side, side, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 23), jnp.int32)
+    leaves = {clx.tree.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    layers = _factored_layers(model.apply_with_taps, params, x, jnp.int32(1), leaves)
+    factored = {"mlp": 3, "heads": 2, "lenet": 2}[kind]  # LeNet: fc and head have one row per example
+    assert len(layers) == factored and all(bias is not None for _, bias in layers), layers
+    for active in (None, 3):
+        want = diagonal_fisher(model.apply, params, x, y, jnp.int32(1), variant=variant, num_active=active, seed=4)
+        for chunk in (None, 5):
+            got = diagonal_fisher(
+                model.apply,
+                params,
+                x,
+                y,
+                jnp.int32(1),
+                variant=variant,
+                num_active=active,
+                seed=4,
+                chunk_size=chunk,
+                apply_with_taps=model.apply_with_taps,
+            )
+            chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-9)
+
+
+def test_the_trainer_hands_the_rule_the_models_taps():
+    """fit's evidence carries the model's apply_with_taps (EWC's Fisher takes the factored way); a model without
+    one gets None."""
+    seen = []
+
+    def consolidate(state, params, evidence):
+        seen.append(evidence.apply_with_taps)
+        return None, state
+
+    rule = clx.ContinualTransformation(optax.sgd(0.1).init, optax.sgd(0.1).update, consolidate, name="probe")
+    stream = data.make_stream(data.load_source("digits"), "permuted", 2, seed=0, train_subset=20)
+    model, params = clx.FunctionalModel.from_module(clx.MLP(64, (8,), 10, rngs=nnx.Rngs(0)))
+    clx.fit(model, params, rule, stream, epochs=1, batch_size=BATCH, progress=False)
+    assert seen and all(f == model.apply_with_taps for f in seen)
+
+
 # --- EWC, online EWC -------------------------------------------------------------------------------------------------
 
 

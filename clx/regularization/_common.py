@@ -52,13 +52,15 @@ def chunk_size_for(n: int, floats_per_example: int, chunk_size: int | None) -> i
     return max(1, min(int(chunk_size), max(int(n), 1)))
 
 
-def sum_over_chunks(per_example: Callable, params, x, extras: tuple, chunk: int):
+def sum_over_chunks(per_example: Callable, params, x, extras: tuple, chunk: int, *, batched: bool = False):
     """``sum_i w_i per_example(x_i, i, *extras_i)`` over the n examples of ``x``, ``chunk`` at a time.
 
     ``per_example(x_i, i, *extras_i) -> pytree shaped like params`` is vmapped over one
     chunk, and a ``lax.scan`` walks the chunks, so at most ``chunk`` per-example
     results are alive at once. The last chunk is padded with weight-0 copies of
-    example 0 (their results are multiplied by 0, never kept).
+    example 0 (their results are multiplied by 0, never kept). With ``batched``,
+    ``per_example(x_c, i_c, w_c, *extras_c)`` takes a whole chunk (its indices and
+    weights too) and returns the chunk's weighted sum itself.
     """
     n = x.shape[0]
     num_chunks = -(-n // chunk)
@@ -75,6 +77,8 @@ def sum_over_chunks(per_example: Callable, params, x, extras: tuple, chunk: int)
 
     def body(total, chunk_data):
         xc, ic, wc, *ec = chunk_data
+        if batched:
+            return jax.tree.map(lambda t, v: t + v.astype(t.dtype), total, per_example(xc, ic, wc, *ec)), None
         values = jax.vmap(per_example)(xc, ic, *ec)
         total = jax.tree.map(lambda t, v: t + jnp.tensordot(wc, v, axes=1).astype(t.dtype), total, values)
         return total, None

@@ -105,6 +105,7 @@ def _fisher_fn(who, fisher, num_samples, chunk_size, seed, classes_per_task):
             seed=seed,
             chunk_size=chunk_size,
             num_active=active,
+            apply_with_taps=evidence.apply_with_taps,
         )
 
     return task_fisher

@@ -14,12 +14,28 @@ over examples of squared per-example gradients of a log-likelihood:
     "predicted"  F = 1/n sum_i (d log p_{c_i}(x_i) / d theta)^2,  c_i = argmax p(. | x_i)
                  (van de Ven's 2019 code, the "Three scenarios" runs)
 
-Always the mean of per-example squares (``jax.vmap(jax.grad(...))``), never the square
-of a mini-batch mean gradient (which shrinks with the batch size). The examples are
-processed ``chunk_size`` at a time (a ``lax.scan`` over chunks), so the memory is that
-of ``chunk_size`` per-example gradients whatever n is; by default as many as fit 2^24
-floats (a 500k-parameter MLP: 33 examples a chunk). "true" costs one backward pass per
-class per example (van de Ven's code does the same).
+Always the mean of per-example squares, never the square of a mini-batch mean gradient
+(which shrinks with the batch size). Two ways to the same numbers:
+
+* factored (given ``apply_with_taps``, a :class:`clx.TappedModel`'s): a Dense layer
+  whose input holds one row per example has per-example kernel gradients
+  ``x_i delta_i^T`` (``delta_i`` the gradient of the log-likelihood with respect to the
+  layer's pre-bias output), so the sum of their squares is one product,
+  ``(X * X)^T (Delta * Delta)``, and the bias's is ``sum_i delta_i^2``; for "true",
+  ``Delta * Delta`` becomes ``sum_c p_c delta_c^2``, one backward pass per class for the
+  deltas and still one product per layer. No per-example gradient is formed: on van de
+  Ven's Permuted-MNIST MLP (1024-1000-1000-10) 60,000 examples took 225 s ("predicted") /
+  932 s ("true") per-example on 2 CPU cores, against (see ``benchmarks/baselines.py``)
+  the factored times. Every other parameter (conv kernels, whose gradient sums over
+  positions; ``clx.MultiHead`` heads; layers applied more than once) goes the per-example
+  way below;
+* per-example (``jax.vmap`` of ``jax.vjp``): each example's gradient formed and squared.
+
+The examples are processed ``chunk_size`` at a time (a ``lax.scan`` over chunks), so the
+memory is that of ``chunk_size`` per-example gradients (or layer inputs and deltas)
+whatever n is; by default as many as fit 2^24 floats (a 500k-parameter MLP: 33 examples
+a chunk per-example). "true" costs one backward pass per class per example (van de Ven's
+code does the same).
 
 Keys for "sample": example i (its index in ``x``) draws its label with
 ``jax.random.categorical(fold_in(fold_in(key(seed), task_id), i), log p(. | x_i))``,
@@ -32,12 +48,14 @@ outputs in the softmax, as van de Ven does for class-IL (the classes seen so far
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from clx.regularization._common import MASKED_LOGIT, check_optional_int, chunk_size_for, num_params, sum_over_chunks
+from clx.tree import path_str
 
 #: The Fisher variants of :func:`diagonal_fisher`.
 FISHER_VARIANTS = ("true", "empirical", "sample", "predicted")
@@ -71,6 +89,7 @@ def diagonal_fisher(
     seed=0,
     chunk_size: int | None = None,
     num_active=None,
+    apply_with_taps: Callable | None = None,
 ):
     """The diagonal Fisher information of ``apply_fn`` at ``params`` on the examples ``x``.
 
@@ -84,13 +103,18 @@ def diagonal_fisher(
       variant: one of :data:`FISHER_VARIANTS` (module docs).
       seed: an int (or traced int32) seeding the "sample" labels.
       chunk_size: examples per chunk (None: as many as fit 2^24 floats of
-        per-example gradients). The result does not depend on it.
+        per-example gradients, or of layer inputs and deltas on the factored path).
+        The result does not depend on it.
       num_active: None (every output) or the number of leading outputs kept in the
         softmax (the rest are masked out).
+      apply_with_taps: the same model's ``apply_with_taps`` (:class:`clx.TappedModel`),
+        or None. Given, the Dense layers with one input row per example take the
+        factored way (module docs), the rest of the params the per-example way.
 
     Returns:
       A pytree shaped like ``params``: the mean over the n examples of the
-      per-example squared log-likelihood gradients.
+      per-example squared log-likelihood gradients (the same, to float rounding,
+      either way).
 
     Raises:
       ValueError: an unknown variant, ``chunk_size < 1``, an empty ``x``.
@@ -102,17 +126,151 @@ def diagonal_fisher(
         raise ValueError("diagonal_fisher: x holds no examples; pass at least one.")
     num_classes = int(jax.eval_shape(lambda p: apply_fn(p, x[:1], task_id), params).shape[-1])
     per_class = num_classes if variant == "true" else 1
-    chunk = chunk_size_for(n, num_params(params) * (2 if per_class > 1 else 1), chunk_size)
-    return _fisher(
-        apply_fn, params, x, jnp.asarray(y, jnp.int32), task_id, seed, num_active, variant=variant, chunk=chunk
+    y = jnp.asarray(y, jnp.int32)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = tuple(path_str(p) for p, _ in flat)
+    leaves = dict(zip(paths, (leaf for _, leaf in flat)))
+    layers = _factored_layers(apply_with_taps, params, x, task_id, leaves)
+    if not layers:
+        chunk = chunk_size_for(n, num_params(params) * (2 if per_class > 1 else 1), chunk_size)
+        return _fisher(apply_fn, params, None, x, y, task_id, seed, num_active, variant=variant, chunk=chunk)
+    factored = {p for kernel, bias in layers for p in (kernel, bias) if p is not None}
+    rest = {p: leaves[p] for p in paths if p not in factored}
+    widths = sum(leaves[k].shape[-1] for k, _ in layers)
+    inputs = sum(math.prod(leaves[k].shape[:-1]) for k, _ in layers)
+    chunk = chunk_size_for(n, inputs + widths * (per_class + 1), chunk_size)
+    fact = _factored(
+        apply_with_taps, params, x, y, task_id, seed, num_active, variant=variant, chunk=chunk, layers=layers
     )
+    if rest:
+        rest_chunk = chunk_size_for(n, num_params(rest) * (2 if per_class > 1 else 1), chunk_size)
+        fact.update(
+            _fisher(
+                _Merged(apply_fn, treedef, paths),
+                rest,
+                {p: leaves[p] for p in factored},
+                x,
+                y,
+                task_id,
+                seed,
+                num_active,
+                variant=variant,
+                chunk=rest_chunk,
+            )
+        )
+    return jax.tree_util.tree_unflatten(treedef, [fact[p] for p in paths])
+
+
+def _factored_layers(apply_with_taps, params, x, task_id, leaves: dict) -> tuple:
+    """``((kernel path, bias path or None), ...)``: the tapped layers of ``params`` whose per-example gradients
+    factor, those with one input row per example (2 rows for 2 examples) and a single call (perturbations
+    accepted)."""
+    if apply_with_taps is None:
+        return ()
+    x2 = x[: min(2, x.shape[0])]
+    b = x2.shape[0]
+    try:
+        _, taps = jax.eval_shape(lambda p, xs: apply_with_taps(p, xs, task_id), params, x2)
+        kernels = [k for k, tap in sorted(taps.items()) if k in leaves and tap.shape[0] == b]
+        perts = {k: jnp.zeros((b, leaves[k].shape[-1]), jnp.float32) for k in kernels}
+        jax.eval_shape(lambda p, xs, d: apply_with_taps(p, xs, task_id, d), params, x2, perts)
+    except ValueError:  # a layer applied more than once: no factored gradients
+        return ()
+    return tuple((k, k[: -len("kernel")] + "bias" if k[: -len("kernel")] + "bias" in leaves else None) for k in kernels)
+
+
+class _Merged:
+    """``apply_fn`` on ``(rest, fixed)``, two dicts of params keyed by path, put back into the params pytree.
+    Hashable: a static argument of the jitted per-example Fisher."""
+
+    def __init__(self, apply_fn, treedef, paths: tuple):
+        self.apply_fn, self.treedef, self.paths = apply_fn, treedef, paths
+
+    def __hash__(self):
+        return hash((self.apply_fn, self.treedef, self.paths))
+
+    def __eq__(self, other):
+        return isinstance(other, _Merged) and (self.apply_fn, self.treedef, self.paths) == (
+            other.apply_fn,
+            other.treedef,
+            other.paths,
+        )
+
+    def __call__(self, both, x, task_id):
+        merged = {**both[0], **both[1]}
+        return self.apply_fn(jax.tree_util.tree_unflatten(self.treedef, [merged[p] for p in self.paths]), x, task_id)
+
+
+def _log_mask(logits, num_active):
+    """log softmax over the first ``num_active`` outputs (all with None)."""
+    if num_active is not None:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < num_active, logits, MASKED_LOGIT)
+    return jax.nn.log_softmax(logits)
+
+
+def _labels(variant, logp, y, index, base_key):
+    """The label whose log-likelihood gradient is squared, per example (not "true")."""
+    if variant == "empirical":
+        return y
+    if variant == "sample":
+        return jax.random.categorical(jax.random.fold_in(base_key, index), jax.lax.stop_gradient(logp))
+    return jnp.argmax(logp, axis=-1)  # predicted
+
+
+@functools.partial(jax.jit, static_argnames=("apply_with_taps", "variant", "chunk", "layers"))
+def _factored(apply_with_taps, params, x, y, task_id, seed, num_active, *, variant, chunk, layers):
+    """The factored Fisher of ``layers`` (module docs): ``{path: mean over examples}`` for their kernels and biases."""
+    n = x.shape[0]
+    base_key = jax.random.fold_in(jax.random.key(seed), task_id)
+    flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    template = {p: jnp.zeros(flat[p].shape, jnp.float32) for kernel, bias in layers for p in (kernel, bias) if p}
+
+    def per_chunk(xc, ic, wc, yc):
+        b = xc.shape[0]
+        perts = {k: jnp.zeros((b, flat[k].shape[-1]), jnp.float32) for k, _ in layers}
+
+        def log_probs(d):
+            logits, taps = apply_with_taps(params, xc, task_id, d)
+            return _log_mask(logits, num_active), {k: taps[k] for k, _ in layers}
+
+        logp, vjp, taps = jax.vjp(log_probs, perts, has_aux=True)
+        num_classes = logp.shape[-1]
+        if variant == "true":
+            probs = jax.lax.stop_gradient(jnp.exp(logp))  # (b, C)
+
+            def add_class(acc, c):
+                (d,) = vjp(jnp.broadcast_to(jax.nn.one_hot(c, num_classes, dtype=jnp.float32), logp.shape))
+                return {k: acc[k] + probs[:, c, None] * jnp.square(d[k]) for k in acc}, None
+
+            sq, _ = jax.lax.scan(add_class, jax.tree.map(jnp.zeros_like, perts), jnp.arange(num_classes))
+        else:
+            labels = jax.vmap(functools.partial(_labels, variant, base_key=base_key))(logp, yc, ic)
+            (d,) = vjp(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+            sq = {k: jnp.square(v) for k, v in d.items()}
+        out = {}
+        for kernel, bias in layers:
+            s = sq[kernel] * wc[:, None]  # padding rows weigh 0
+            inp = taps[kernel]
+            out[kernel] = jnp.matmul(jnp.square(inp).T, s, precision="highest").reshape(flat[kernel].shape)
+            if bias:
+                out[bias] = s.sum(0).reshape(flat[bias].shape)
+        return out
+
+    total = sum_over_chunks(per_chunk, template, x, (y,), chunk, batched=True)
+    return {p: t / n for p, t in total.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "variant", "chunk"))
-def _fisher(apply_fn, params, x, y, task_id, seed, num_active, *, variant, chunk):
-    """The body of :func:`diagonal_fisher`, jitted so eager callers with the same model and shapes compile once."""
+def _fisher(apply_fn, params, fixed, x, y, task_id, seed, num_active, *, variant, chunk):
+    """The per-example Fisher of every leaf of ``params``; with ``fixed`` (not None), ``apply_fn`` takes
+    ``(params, fixed)`` and ``fixed`` is not differentiated. Jitted so eager callers with the same model and shapes
+    compile once."""
     n = x.shape[0]
-    num_classes = jax.eval_shape(lambda p: apply_fn(p, x[:1], task_id), params).shape[-1]
+
+    def logits(p, xs):
+        return apply_fn(p if fixed is None else (p, fixed), xs, task_id)
+
+    num_classes = jax.eval_shape(lambda p: logits(p, x[:1]), params).shape[-1]
     base_key = jax.random.fold_in(jax.random.key(seed), task_id)
 
     def grad_of_class(vjp, c):
@@ -120,7 +278,7 @@ def _fisher(apply_fn, params, x, y, task_id, seed, num_active, *, variant, chunk
         return g
 
     def per_example(x_i, i, y_i):
-        logp, vjp = jax.vjp(lambda p: _log_probs(apply_fn, p, x_i, task_id, num_active), params)
+        logp, vjp = jax.vjp(lambda p: _log_mask(logits(p, x_i[None])[0], num_active), params)
         if variant == "true":
             probs = jax.lax.stop_gradient(jnp.exp(logp))
 
@@ -130,13 +288,7 @@ def _fisher(apply_fn, params, x, y, task_id, seed, num_active, *, variant, chunk
 
             acc, _ = jax.lax.scan(add_class, jax.tree.map(jnp.zeros_like, params), jnp.arange(num_classes))
             return acc
-        if variant == "empirical":
-            label = y_i
-        elif variant == "sample":
-            label = jax.random.categorical(jax.random.fold_in(base_key, i), jax.lax.stop_gradient(logp))
-        else:  # predicted
-            label = jnp.argmax(logp)
-        return jax.tree.map(jnp.square, grad_of_class(vjp, label))
+        return jax.tree.map(jnp.square, grad_of_class(vjp, _labels(variant, logp, y_i, i, base_key)))
 
     total = sum_over_chunks(per_example, params, x, (y,), chunk)
     return jax.tree.map(lambda t: t / n, total)
