@@ -143,15 +143,14 @@ def test_factored_fisher_equals_the_per_example_fisher(kind, variant):
     """Given apply_with_taps, the Dense layers' Fisher is (X * X)^T (Delta * Delta) with no per-example gradient
     formed: the same numbers as the per-example way, every variant, over the seen classes too, for every leaf (the
     heads and the convs go the per-example way beside it), whatever the chunk size."""
-    from clx.regularization._fisher import _factored_layers
+    from clx.regularization._common import factored_layers
 
     model, params = _tapped(kind)
     rng = np.random.default_rng(0)
     side = 16 if kind == "lenet" else 8
     x = jnp.asarray(rng.normal(size=(23, side, side, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 23), jnp.int32)
-    leaves = {clx.tree.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    layers = _factored_layers(model.apply_with_taps, params, x, jnp.int32(1), leaves)
+    layers = factored_layers(model.apply_with_taps, params, x, jnp.int32(1))
     factored = {"mlp": 3, "heads": 2, "lenet": 2}[kind]  # LeNet: fc and head have one row per example
     assert len(layers) == factored and all(bias is not None for _, bias in layers), layers
     for active in (None, 3):
@@ -170,6 +169,20 @@ def test_factored_fisher_equals_the_per_example_fisher(kind, variant):
                 apply_with_taps=model.apply_with_taps,
             )
             chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "heads", "lenet"])
+def test_factored_mas_importance_equals_the_per_example_importance(kind):
+    """MAS's |X|^T |Delta| for the Dense layers (the rest per-example): the per-example numbers, any chunk size."""
+    model, params = _tapped(kind)
+    side = 16 if kind == "lenet" else 8
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(19, side, side, 1)), jnp.float32)
+    want = mas_importance(model.apply, params, x, jnp.int32(2))
+    for chunk in (None, 4):
+        got = mas_importance(
+            model.apply, params, x, jnp.int32(2), chunk_size=chunk, apply_with_taps=model.apply_with_taps
+        )
+        chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-9)
 
 
 def test_the_trainer_hands_the_rule_the_models_taps():

@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from clx.tree import check_nonnegative, check_positive, concrete_float  # noqa: F401 (re-exported)
+from clx.tree import check_nonnegative, check_positive, concrete_float, path_str  # noqa: F401 (re-exported)
 
 #: Floats one chunk of per-example gradients may hold (64 MiB of float32) when no chunk size is given.
 CHUNK_FLOATS = 2**24
@@ -101,3 +101,97 @@ def penalty_gradient(updates, params, weight, precision, anchor):
 def copy_tree(tree):
     """A copy of every leaf (so saved params never alias live buffers the trainer donates)."""
     return jax.tree.map(jnp.array, tree)
+
+
+# --- per-example sums of Dense layers without per-example gradients ------------------------------------------------
+#
+# A Dense layer whose input holds one row per example has per-example kernel gradients x_i delta_i^T (delta_i: the
+# gradient of example i's scalar with respect to the layer's pre-bias output, from one backward pass over the chunk
+# through the model's zero perturbations), so sums over examples of elementwise functions of them factor:
+# sum_i (x_i^2)(delta_i^2)^T = (X*X)^T (Delta*Delta) (the Fisher), sum_i |x_i||delta_i|^T = |X|^T |Delta| (MAS), and
+# the bias's sum_i delta_i^2 or |delta_i|. The other params (convs over several positions, clx.MultiHead heads, a
+# layer applied twice) keep their per-example gradients.
+
+
+def factored_layers(apply_with_taps, params, x, task_id) -> tuple:
+    """``((kernel path, bias path or None), ...)``: the layers of a ``clx.TappedModel`` (its ``apply_with_taps``;
+    None: none) whose per-example gradients factor: one input row per example (2 rows for 2 examples) and one call
+    (perturbations accepted), their kernel a leaf of ``params``."""
+    if apply_with_taps is None:
+        return ()
+    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    x2 = x[: min(2, x.shape[0])]
+    b = x2.shape[0]
+    try:
+        _, taps = jax.eval_shape(lambda p, xs: apply_with_taps(p, xs, task_id), params, x2)
+        kernels = [k for k, tap in sorted(taps.items()) if k in leaves and tap.shape[0] == b]
+        perts = {k: jnp.zeros((b, leaves[k].shape[-1]), jnp.float32) for k in kernels}
+        jax.eval_shape(lambda p, xs, d: apply_with_taps(p, xs, task_id, d), params, x2, perts)
+    except ValueError:  # a layer applied more than once: no factored gradients
+        return ()
+    bias = {k: k[: -len("kernel")] + "bias" for k in kernels}
+    return tuple((k, bias[k] if bias[k] in leaves else None) for k in kernels)
+
+
+def factored_floats(params, layers, rows_per_example: int) -> int:
+    """Floats one example holds on the factored way: its inputs to the layers and ``rows_per_example`` rows of
+    their widths (deltas, squares)."""
+    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    inputs = sum(math.prod(leaves[k].shape[:-1]) for k, _ in layers)
+    return inputs + rows_per_example * sum(leaves[k].shape[-1] for k, _ in layers)
+
+
+def zero_perturbations(params, layers, b: int) -> dict:
+    """``{kernel path: (b, m) zeros}``: the perturbations whose gradient is each layer's delta."""
+    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {k: jnp.zeros((b, leaves[k].shape[-1]), jnp.float32) for k, _ in layers}
+
+
+def sum_factored(rows: Callable, inputs: Callable, params, layers, x, extras: tuple, chunk: int) -> dict:
+    """``{path: sum over the examples}`` for the kernels and biases of ``layers``: ``inputs(X)^T R`` and ``sum_i R_i``,
+    where ``rows(x_c, i_c, *extras_c) -> (taps, R)`` gives a chunk's layer inputs and its (b, m) rows per layer."""
+    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    template = {p: jnp.zeros(leaves[p].shape, jnp.float32) for k, b in layers for p in (k, b) if p}
+
+    def per_chunk(xc, ic, wc, *ec):
+        taps, r = rows(xc, ic, *ec)
+        out = {}
+        for kernel, bias in layers:
+            rk = r[kernel] * wc[:, None]  # padding rows weigh 0
+            out[kernel] = jnp.matmul(inputs(taps[kernel]).T, rk, precision="highest").reshape(leaves[kernel].shape)
+            if bias:
+                out[bias] = rk.sum(0).reshape(leaves[bias].shape)
+        return out
+
+    return sum_over_chunks(per_chunk, template, x, extras, chunk, batched=True)
+
+
+class MergedApply:
+    """``apply_fn`` on ``(rest, fixed)``, two dicts of params keyed by path, put back into the params pytree: the
+    per-example way for the params the factored way leaves (``rest``). Hashable, for a jitted function's static
+    arguments."""
+
+    def __init__(self, apply_fn, params):
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.apply_fn, self.paths = apply_fn, tuple(path_str(p) for p, _ in flat)
+
+    def _key(self):
+        return self.apply_fn, self.treedef, self.paths
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, MergedApply) and self._key() == other._key()
+
+    def split(self, params, layers) -> tuple[dict, dict]:
+        """``(rest, fixed)``: the params the factored way leaves, and those it covers."""
+        leaves = dict(zip(self.paths, jax.tree.leaves(params)))
+        covered = {p for k, b in layers for p in (k, b) if p}
+        return {p: v for p, v in leaves.items() if p not in covered}, {p: leaves[p] for p in covered}
+
+    def unflatten(self, by_path: dict):
+        return jax.tree_util.tree_unflatten(self.treedef, [by_path[p] for p in self.paths])
+
+    def __call__(self, both, x, task_id):
+        return self.apply_fn(self.unflatten({**both[0], **both[1]}), x, task_id)

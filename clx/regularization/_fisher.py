@@ -48,14 +48,23 @@ outputs in the softmax, as van de Ven does for class-IL (the classes seen so far
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from clx.regularization._common import MASKED_LOGIT, check_optional_int, chunk_size_for, num_params, sum_over_chunks
-from clx.tree import path_str
+from clx.regularization._common import (
+    MASKED_LOGIT,
+    MergedApply,
+    check_optional_int,
+    chunk_size_for,
+    factored_floats,
+    factored_layers,
+    num_params,
+    sum_factored,
+    sum_over_chunks,
+    zero_perturbations,
+)
 
 #: The Fisher variants of :func:`diagonal_fisher`.
 FISHER_VARIANTS = ("true", "empirical", "sample", "predicted")
@@ -127,78 +136,21 @@ def diagonal_fisher(
     num_classes = int(jax.eval_shape(lambda p: apply_fn(p, x[:1], task_id), params).shape[-1])
     per_class = num_classes if variant == "true" else 1
     y = jnp.asarray(y, jnp.int32)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = tuple(path_str(p) for p, _ in flat)
-    leaves = dict(zip(paths, (leaf for _, leaf in flat)))
-    layers = _factored_layers(apply_with_taps, params, x, task_id, leaves)
+    grad_floats = num_params(params) * (2 if per_class > 1 else 1)
+    layers = factored_layers(apply_with_taps, params, x, task_id)
     if not layers:
-        chunk = chunk_size_for(n, num_params(params) * (2 if per_class > 1 else 1), chunk_size)
+        chunk = chunk_size_for(n, grad_floats, chunk_size)
         return _fisher(apply_fn, params, None, x, y, task_id, seed, num_active, variant=variant, chunk=chunk)
-    factored = {p for kernel, bias in layers for p in (kernel, bias) if p is not None}
-    rest = {p: leaves[p] for p in paths if p not in factored}
-    widths = sum(leaves[k].shape[-1] for k, _ in layers)
-    inputs = sum(math.prod(leaves[k].shape[:-1]) for k, _ in layers)
-    chunk = chunk_size_for(n, inputs + widths * (per_class + 1), chunk_size)
-    fact = _factored(
+    merged = MergedApply(apply_fn, params)
+    rest, fixed = merged.split(params, layers)
+    chunk = chunk_size_for(n, factored_floats(params, layers, per_class + 1), chunk_size)
+    out = _factored(
         apply_with_taps, params, x, y, task_id, seed, num_active, variant=variant, chunk=chunk, layers=layers
     )
     if rest:
-        rest_chunk = chunk_size_for(n, num_params(rest) * (2 if per_class > 1 else 1), chunk_size)
-        fact.update(
-            _fisher(
-                _Merged(apply_fn, treedef, paths),
-                rest,
-                {p: leaves[p] for p in factored},
-                x,
-                y,
-                task_id,
-                seed,
-                num_active,
-                variant=variant,
-                chunk=rest_chunk,
-            )
-        )
-    return jax.tree_util.tree_unflatten(treedef, [fact[p] for p in paths])
-
-
-def _factored_layers(apply_with_taps, params, x, task_id, leaves: dict) -> tuple:
-    """``((kernel path, bias path or None), ...)``: the tapped layers of ``params`` whose per-example gradients
-    factor, those with one input row per example (2 rows for 2 examples) and a single call (perturbations
-    accepted)."""
-    if apply_with_taps is None:
-        return ()
-    x2 = x[: min(2, x.shape[0])]
-    b = x2.shape[0]
-    try:
-        _, taps = jax.eval_shape(lambda p, xs: apply_with_taps(p, xs, task_id), params, x2)
-        kernels = [k for k, tap in sorted(taps.items()) if k in leaves and tap.shape[0] == b]
-        perts = {k: jnp.zeros((b, leaves[k].shape[-1]), jnp.float32) for k in kernels}
-        jax.eval_shape(lambda p, xs, d: apply_with_taps(p, xs, task_id, d), params, x2, perts)
-    except ValueError:  # a layer applied more than once: no factored gradients
-        return ()
-    return tuple((k, k[: -len("kernel")] + "bias" if k[: -len("kernel")] + "bias" in leaves else None) for k in kernels)
-
-
-class _Merged:
-    """``apply_fn`` on ``(rest, fixed)``, two dicts of params keyed by path, put back into the params pytree.
-    Hashable: a static argument of the jitted per-example Fisher."""
-
-    def __init__(self, apply_fn, treedef, paths: tuple):
-        self.apply_fn, self.treedef, self.paths = apply_fn, treedef, paths
-
-    def __hash__(self):
-        return hash((self.apply_fn, self.treedef, self.paths))
-
-    def __eq__(self, other):
-        return isinstance(other, _Merged) and (self.apply_fn, self.treedef, self.paths) == (
-            other.apply_fn,
-            other.treedef,
-            other.paths,
-        )
-
-    def __call__(self, both, x, task_id):
-        merged = {**both[0], **both[1]}
-        return self.apply_fn(jax.tree_util.tree_unflatten(self.treedef, [merged[p] for p in self.paths]), x, task_id)
+        chunk = chunk_size_for(n, num_params(rest) * (2 if per_class > 1 else 1), chunk_size)
+        out.update(_fisher(merged, rest, fixed, x, y, task_id, seed, num_active, variant=variant, chunk=chunk))
+    return merged.unflatten(out)
 
 
 def _log_mask(logits, num_active):
@@ -220,19 +172,14 @@ def _labels(variant, logp, y, index, base_key):
 @functools.partial(jax.jit, static_argnames=("apply_with_taps", "variant", "chunk", "layers"))
 def _factored(apply_with_taps, params, x, y, task_id, seed, num_active, *, variant, chunk, layers):
     """The factored Fisher of ``layers`` (module docs): ``{path: mean over examples}`` for their kernels and biases."""
-    n = x.shape[0]
     base_key = jax.random.fold_in(jax.random.key(seed), task_id)
-    flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    template = {p: jnp.zeros(flat[p].shape, jnp.float32) for kernel, bias in layers for p in (kernel, bias) if p}
 
-    def per_chunk(xc, ic, wc, yc):
-        b = xc.shape[0]
-        perts = {k: jnp.zeros((b, flat[k].shape[-1]), jnp.float32) for k, _ in layers}
-
+    def rows(xc, ic, yc):
         def log_probs(d):
             logits, taps = apply_with_taps(params, xc, task_id, d)
             return _log_mask(logits, num_active), {k: taps[k] for k, _ in layers}
 
+        perts = zero_perturbations(params, layers, xc.shape[0])
         logp, vjp, taps = jax.vjp(log_probs, perts, has_aux=True)
         num_classes = logp.shape[-1]
         if variant == "true":
@@ -242,22 +189,13 @@ def _factored(apply_with_taps, params, x, y, task_id, seed, num_active, *, varia
                 (d,) = vjp(jnp.broadcast_to(jax.nn.one_hot(c, num_classes, dtype=jnp.float32), logp.shape))
                 return {k: acc[k] + probs[:, c, None] * jnp.square(d[k]) for k in acc}, None
 
-            sq, _ = jax.lax.scan(add_class, jax.tree.map(jnp.zeros_like, perts), jnp.arange(num_classes))
-        else:
-            labels = jax.vmap(functools.partial(_labels, variant, base_key=base_key))(logp, yc, ic)
-            (d,) = vjp(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
-            sq = {k: jnp.square(v) for k, v in d.items()}
-        out = {}
-        for kernel, bias in layers:
-            s = sq[kernel] * wc[:, None]  # padding rows weigh 0
-            inp = taps[kernel]
-            out[kernel] = jnp.matmul(jnp.square(inp).T, s, precision="highest").reshape(flat[kernel].shape)
-            if bias:
-                out[bias] = s.sum(0).reshape(flat[bias].shape)
-        return out
+            return taps, jax.lax.scan(add_class, jax.tree.map(jnp.zeros_like, perts), jnp.arange(num_classes))[0]
+        labels = jax.vmap(functools.partial(_labels, variant, base_key=base_key))(logp, yc, ic)
+        (d,) = vjp(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+        return taps, {k: jnp.square(v) for k, v in d.items()}
 
-    total = sum_over_chunks(per_chunk, template, x, (y,), chunk, batched=True)
-    return {p: t / n for p, t in total.items()}
+    total = sum_factored(rows, jnp.square, params, layers, x, (y,), chunk)
+    return {p: t / x.shape[0] for p, t in total.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "variant", "chunk"))

@@ -11,7 +11,10 @@ does), and while later tasks train the penalty lam * sum_i Omega_i (theta_i - th
 (Eq. 3) enters as its analytic gradient ``2 lam Omega (theta - theta*)``, added in
 ``update`` (the authors' ``Weight_Regularized_SGD`` adds the same term to the
 gradient). f is the model's output, its logits (the head of the evidence's task for
-a multi-head model). Per-example gradients, ``chunk_size`` at a time.
+a multi-head model). Per-example gradients, ``chunk_size`` at a time; given the model's
+``apply_with_taps`` (the trainer passes it), a Dense layer with one input row per example
+sums ``|x_i| |delta_i|^T`` as one product ``|X|^T |Delta|`` (and its bias ``sum_i
+|delta_i|``) without forming them, as ``clx.regularization.diagonal_fisher`` does.
 
 Shapes: every state field but the counter is shaped like the params.
 
@@ -31,14 +34,19 @@ import jax.numpy as jnp
 
 from clx.core import ContinualTransformation, Evidence
 from clx.regularization._common import (
+    MergedApply,
     check_nonnegative,
     check_optional_int,
     chunk_size_for,
     copy_tree,
+    factored_floats,
+    factored_layers,
     need_params,
     num_params,
     penalty_gradient,
+    sum_factored,
     sum_over_chunks,
+    zero_perturbations,
 )
 
 
@@ -48,7 +56,7 @@ class MASState(NamedTuple):
     num_tasks: jax.Array  # () int32, consolidations so far
 
 
-def mas_importance(apply_fn, params, x: jax.Array, task_id, *, chunk_size: int | None = None):
+def mas_importance(apply_fn, params, x: jax.Array, task_id, *, chunk_size: int | None = None, apply_with_taps=None):
     """``1/n sum_k |d ||apply_fn(params, x_k, task_id)||_2^2 / d params|`` (Aljundi et al. 2018, Eq. 4).
 
     Args:
@@ -57,6 +65,9 @@ def mas_importance(apply_fn, params, x: jax.Array, task_id, *, chunk_size: int |
       x: (n, ...) inputs, n >= 1.
       task_id: int32 scalar handed to ``apply_fn``.
       chunk_size: examples per chunk of per-example gradients (None: automatic).
+      apply_with_taps: the same model's ``apply_with_taps`` or None: given, the Dense
+        layers with one input row per example take the factored way (module docs); the
+        same numbers to float rounding.
 
     Returns:
       A pytree shaped like ``params``.
@@ -69,17 +80,50 @@ def mas_importance(apply_fn, params, x: jax.Array, task_id, *, chunk_size: int |
     if n < 1:
         raise ValueError("mas_importance: x holds no examples; pass at least one.")
 
-    return _importance(apply_fn, params, x, task_id, chunk=chunk_size_for(n, num_params(params), chunk_size))
+    layers = factored_layers(apply_with_taps, params, x, task_id)
+    if not layers:
+        return _importance(apply_fn, params, None, x, task_id, chunk=chunk_size_for(n, num_params(params), chunk_size))
+    merged = MergedApply(apply_fn, params)
+    rest, fixed = merged.split(params, layers)
+    chunk = chunk_size_for(n, factored_floats(params, layers, 2), chunk_size)
+    out = _factored(apply_with_taps, params, x, task_id, chunk=chunk, layers=layers)
+    if rest:
+        out.update(_importance(merged, rest, fixed, x, task_id, chunk=chunk_size_for(n, num_params(rest), chunk_size)))
+    return merged.unflatten(out)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_with_taps", "chunk", "layers"))
+def _factored(apply_with_taps, params, x, task_id, *, chunk, layers):
+    """The factored importance of ``layers``: ``{path: mean over examples}`` for their kernels and biases."""
+
+    def rows(xc, ic):
+        del ic
+
+        def outputs(d):
+            out, taps = apply_with_taps(params, xc, task_id, d)
+            return out, {k: taps[k] for k, _ in layers}
+
+        out, vjp, taps = jax.vjp(outputs, zero_perturbations(params, layers, xc.shape[0]), has_aux=True)
+        (d,) = vjp(2.0 * out)  # d ||f(x_i)||^2 / d f(x_i) = 2 f(x_i), one row per example
+        return taps, {k: jnp.abs(v) for k, v in d.items()}
+
+    total = sum_factored(rows, jnp.abs, params, layers, x, (), chunk)
+    return {p: t / x.shape[0] for p, t in total.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "chunk"))
-def _importance(apply_fn, params, x, task_id, *, chunk):
-    """The body of :func:`mas_importance`, jitted so eager callers with the same model and shapes compile once."""
+def _importance(apply_fn, params, fixed, x, task_id, *, chunk):
+    """The per-example importance of every leaf of ``params``; with ``fixed`` (not None), ``apply_fn`` takes
+    ``(params, fixed)`` and ``fixed`` is not differentiated. Jitted so eager callers with the same model and shapes
+    compile once."""
 
     def per_example(x_i, i):
         del i
-        g = jax.grad(lambda p: jnp.sum(jnp.square(apply_fn(p, x_i[None], task_id))))(params)
-        return jax.tree.map(jnp.abs, g)
+
+        def sq_norm(p):
+            return jnp.sum(jnp.square(apply_fn(p if fixed is None else (p, fixed), x_i[None], task_id)))
+
+        return jax.tree.map(jnp.abs, jax.grad(sq_norm)(params))
 
     total = sum_over_chunks(per_example, params, x, (), chunk)
     return jax.tree.map(lambda t: t / x.shape[0], total)
@@ -126,7 +170,14 @@ def mas(lam: float, *, num_samples: int | None = None, chunk_size: int | None = 
                     "evidence sample or lower num_samples."
                 )
             x = x[:num_samples]
-        new = mas_importance(evidence.apply_fn, params, x, evidence.task_id, chunk_size=chunk_size)
+        new = mas_importance(
+            evidence.apply_fn,
+            params,
+            x,
+            evidence.task_id,
+            chunk_size=chunk_size,
+            apply_with_taps=evidence.apply_with_taps,
+        )
         importance = jax.tree.map(jnp.add, state.importance, new)
         return None, MASState(importance, copy_tree(params), state.num_tasks + 1)
 
