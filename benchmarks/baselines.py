@@ -34,14 +34,13 @@ With ``--consolidate`` it times only the evidence sums EWC and MAS take at a tas
 on van de Ven's Permuted-MNIST MLP (1024-1000-1000-10 with biases, 6,000 examples): the
 diagonal Fisher ("true" and "predicted") and MAS's importance, with per-example gradients
 and the factored way (``clx.regularization.diagonal_fisher``'s module docs), in one run.
-One run, 2 CPU cores beside a niced training run:
+One run, 2 CPU cores beside a training run (JAX 0.12, 2026-12-08):
 
-    fisher true:       per-example 31.47 s, factored 0.88 s (35.6x)
-    fisher predicted:  per-example  7.32 s, factored 0.45 s (16.4x)
-    mas importance:    per-example  7.50 s, factored 0.41 s (18.2x)
+    fisher true:       per-example  54.82 s, factored  1.20 s (45.6x)
+    fisher predicted:  per-example  23.54 s, factored  0.48 s (49.3x)
+    mas importance:    per-example  22.78 s, factored  0.62 s (36.8x)
 
-(to be replaced by the run below), i.e. on a task's 60,000 examples 5-9 s instead of
-1-10 minutes per task and seed.
+i.e. on a task's 60,000 examples 5-12 s instead of 4-9 minutes per task and seed.
 
     python benchmarks/baselines.py [--methods ewc,si,...] [--steps 1000] [--repeats 3] [--data-dir DIR] [--avalanche]
     python benchmarks/baselines.py --consolidate

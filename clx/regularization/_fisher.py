@@ -25,10 +25,10 @@ Always the mean of per-example squares, never the square of a mini-batch mean gr
   ``Delta * Delta`` becomes ``sum_c p_c delta_c^2``, one backward pass per class for the
   deltas and still one product per layer. No per-example gradient is formed: on van de
   Ven's Permuted-MNIST MLP (1024-1000-1000-10) 60,000 examples took 225 s ("predicted") /
-  932 s ("true") per-example on 2 CPU cores, against (see ``benchmarks/baselines.py``)
-  the factored times. Every other parameter (conv kernels, whose gradient sums over
-  positions; ``clx.MultiHead`` heads; layers applied more than once) goes the per-example
-  way below;
+  932 s ("true") per-example on 2 CPU cores, 4.5 s / 9.2 s factored (``python
+  benchmarks/baselines.py --consolidate`` times both). Every other parameter (conv
+  kernels, whose gradient sums over positions; ``clx.MultiHead`` heads; layers applied
+  more than once) goes the per-example way below;
 * per-example (``jax.vmap`` of ``jax.vjp``): each example's gradient formed and squared.
 
 The examples are processed ``chunk_size`` at a time (a ``lax.scan`` over chunks), so the
