@@ -171,6 +171,31 @@ def test_factored_fisher_equals_the_per_example_fisher(kind, variant):
             chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-9)
 
 
+class _SharedRows(nnx.Module):
+    """A head on the flattened input plus a Dense layer on two learned rows that do not scale with the batch (its
+    per-example gradients do not factor, though it has 2 input rows for 2 examples)."""
+
+    def __init__(self, rngs):
+        self.rows = nnx.Param(jnp.ones((2, 4)))
+        self.shared = nnx.Linear(4, 5, rngs=rngs)
+        self.head = nnx.Linear(64, 5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(x.reshape(x.shape[0], -1)) + jnp.sum(self.shared(self.rows[...]), axis=0)
+
+
+def test_a_layer_whose_rows_do_not_scale_with_the_batch_is_not_factored():
+    from clx.regularization._common import factored_layers
+
+    model, params = clx.FunctionalModel.from_module(_SharedRows(nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(9, 8, 8, 1)), jnp.float32)
+    y = jnp.zeros(9, jnp.int32)
+    assert factored_layers(model.apply_with_taps, params, x, jnp.int32(0)) == (("head/kernel", "head/bias"),)
+    want = diagonal_fisher(model.apply, params, x, y, jnp.int32(0))
+    got = diagonal_fisher(model.apply, params, x, y, jnp.int32(0), apply_with_taps=model.apply_with_taps)
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "heads", "lenet"])
 def test_factored_mas_importance_equals_the_per_example_importance(kind):
     """MAS's |X|^T |Delta| for the Dense layers (the rest per-example): the per-example numbers, any chunk size."""

@@ -115,22 +115,23 @@ def copy_tree(tree):
 
 def factored_layers(apply_with_taps, params, x, task_id) -> tuple:
     """``((kernel path, bias path or None), ...)``: the layers of a ``clx.TappedModel`` (its ``apply_with_taps``;
-    None: none) whose per-example gradients factor: one input row per example (2 rows for 2 examples) and one call
-    (perturbations accepted), their kernel a leaf of ``params``."""
+    None: none) whose per-example gradients factor: one input row per example (1 row for 1 example and 2 for 2,
+    so a layer applied to inputs that do not scale with the batch is left out) and one call (perturbations
+    accepted), their kernel a leaf of ``params``."""
     if apply_with_taps is None:
         return ()
     leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    x2 = x[: min(2, x.shape[0])]
-    b = x2.shape[0]
+    kernels = set(leaves)
     try:
-        _, taps = jax.eval_shape(lambda p, xs: apply_with_taps(p, xs, task_id), params, x2)
-        kernels = [k for k, tap in sorted(taps.items()) if k in leaves and tap.shape[0] == b]
+        for b in range(1, min(2, x.shape[0]) + 1):
+            _, taps = jax.eval_shape(lambda p, xs: apply_with_taps(p, xs, task_id), params, x[:b])
+            kernels &= {k for k, tap in taps.items() if tap.shape[0] == b}
         perts = {k: jnp.zeros((b, leaves[k].shape[-1]), jnp.float32) for k in kernels}
-        jax.eval_shape(lambda p, xs, d: apply_with_taps(p, xs, task_id, d), params, x2, perts)
+        jax.eval_shape(lambda p, xs, d: apply_with_taps(p, xs, task_id, d), params, x[:b], perts)
     except ValueError:  # a layer applied more than once: no factored gradients
         return ()
     bias = {k: k[: -len("kernel")] + "bias" for k in kernels}
-    return tuple((k, bias[k] if bias[k] in leaves else None) for k in kernels)
+    return tuple((k, bias[k] if bias[k] in leaves else None) for k in sorted(kernels))
 
 
 def factored_floats(params, layers, rows_per_example: int) -> int:
