@@ -206,13 +206,14 @@ def _ref_rule_state(rule, params, x0, y0):
     return state._replace(memory=replay.insert(state.memory, b))
 
 
-def test_gem_with_one_old_task_and_no_margin_is_agem_on_the_same_reference_gradient():
+@pytest.mark.parametrize("skip_unseen", [True, False])
+def test_gem_with_one_old_task_and_no_margin_is_agem_on_the_same_reference_gradient(skip_unseen):
     model, params = _model()
     x0, y0 = _task(0, 16)
     x1, y1 = _task(1, 16)
     grad_fn = lambda p, b: jax.grad(lambda q: clx.replay._common.mean_ce(model.apply(q, b.x), b.y, b.weights))(p)  # noqa: E731
     b1 = clx.Batch(x1, y1, jnp.ones_like(y1), jnp.ones(16, jnp.float32))
-    gem = replay.gem(16, 3, (64,), memory_strength=0.0)
+    gem = replay.gem(16, 3, (64,), memory_strength=0.0, skip_unseen=skip_unseen)
 
     @jax.jit
     def both(sign):
@@ -228,6 +229,32 @@ def test_gem_with_one_old_task_and_no_margin_is_agem_on_the_same_reference_gradi
             chex.assert_trees_all_equal(out, g)
         else:
             assert _dot(g, g_ref) < 0 and abs(_dot(out, g_ref)) < 1e-4 * _dot(g_ref, g_ref)
+
+
+def test_gem_skipping_the_unseen_tasks_gives_the_update_of_the_masked_batch():
+    """Task by task under a cond (the tasks not yet old skipped) or all memories as one masked vmapped batch: the
+    same projected update and the same memory, with two old tasks of four and a constraint violated."""
+    model, params = _model()
+    grad_fn = lambda p, b: jax.grad(lambda q: clx.replay._common.mean_ce(model.apply(q, b.x), b.y, b.weights))(p)  # noqa: E731
+    state = replay.gem(8, 4, (64,)).init(params)
+    examples = [_task(0, 8), _task(1, 8), tuple(a[8:] for a in _task(0, 16))]  # tasks 0, 1 and 2 (the current)
+    for t, (x, y) in enumerate(examples):
+        state = state._replace(memory=replay.insert(state.memory, clx.Batch(x, y, jnp.full_like(y, t), jnp.ones(8))))
+    x2, y2 = examples[2]
+    b2 = clx.Batch(x2, y2, jnp.full_like(y2, 2), jnp.ones(8, jnp.float32))
+    g_old = grad_fn(params, clx.Batch(*_task(0, 8), jnp.zeros(8, jnp.int32), jnp.ones(8)))
+    g = jax.tree.map(lambda r, n: -r + 0.1 * n, g_old, _tree_like(params, 3))  # against task 0's gradient
+    outs = [
+        jax.jit(
+            lambda g, s: replay.gem(8, 4, (64,), skip_unseen=skip).update(
+                g, s, params, task_id=2, batch=b2, grad_fn=grad_fn
+            )
+        )(g, state)
+        for skip in (True, False)
+    ]
+    assert _dot(g, g_old) < 0 and _dot(outs[0][0], g_old) >= -1e-5
+    chex.assert_trees_all_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(outs[0][1], outs[1][1])
 
 
 def _tree_like(params, seed):

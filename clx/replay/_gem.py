@@ -26,7 +26,13 @@ of ``num_tasks`` rows).
 
 Memory, as the paper's code: ``memory_per_task`` slots per task (256 on MNIST),
 written while the task trains (each batch goes into the current task's ring), and
-each old task's reference gradient is taken on its whole memory, every step.
+each old task's reference gradient is taken on its whole memory, every step. With
+``skip_unseen`` (the default on a CPU backend) the reference gradients are taken one
+task at a time (``lax.map``) under a ``lax.cond``, so the tasks not yet old cost
+nothing: over a 10-task stream 4.5 old tasks a step on average instead of 10. Otherwise
+they are one vmapped batch over all ``num_tasks`` memories (the rows of tasks not yet
+old masked), which an accelerator runs faster, and which a vmapped member (several
+seeds as one program) gets anyway, since ``vmap`` turns the cond into both branches.
 
 Shapes: memory (num_tasks * memory_per_task, *input_shape); G (num_tasks, p), p the
 number of parameters (rows of tasks not yet old are zeros and masked out).
@@ -121,6 +127,7 @@ def gem(
     *,
     tol: float = 1e-6,
     max_iter: int | None = None,
+    skip_unseen: bool | None = None,
 ) -> ContinualTransformation:
     """GEM (Lopez-Paz & Ranzato 2017), chained before the optimizer.
 
@@ -136,6 +143,9 @@ def gem(
         code: 0.5); a float or a traced sweep value.
       tol: KKT tolerance of the dual solve (on the scaled problem).
       max_iter: cap on the solver's active-set iterations (default 10 num_tasks + 10).
+      skip_unseen: take the reference gradients task by task and skip the tasks not
+        yet old (module docs); None: when ``jax.default_backend()`` is "cpu" at trace
+        time. The same update either way, to float rounding.
 
     Returns:
       A ContinualTransformation named "gem" with state ``GEMState`` that needs
@@ -166,7 +176,16 @@ def gem(
         )
         old = (tasks < task_id) & jnp.any(valid, axis=1)
         refs = Batch(x, y, ids, (valid & old[:, None]).astype(jnp.float32))  # one reference batch per task
-        grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, refs)  # (num_tasks, ...) per leaf
+        if skip_unseen if skip_unseen is not None else jax.default_backend() == "cpu":
+
+            def reference(j):
+                ref = jax.tree.map(lambda a: a[j], refs)
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                return jax.lax.cond(old[j], lambda: grad_fn(params, ref), lambda: zeros)
+
+            grads = jax.lax.map(reference, tasks)  # (num_tasks, ...) per leaf
+        else:
+            grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, refs)
         # Reads of the memory done before the insert writes it (in place, no copy of the memory per step).
         grads, mem = jax.lax.optimization_barrier((grads, mem))
         leaves, tree = jax.tree.flatten(updates)
