@@ -136,10 +136,10 @@ def diagonal_fisher(
     num_classes = int(jax.eval_shape(lambda p: apply_fn(p, x[:1], task_id), params).shape[-1])
     per_class = num_classes if variant == "true" else 1
     y = jnp.asarray(y, jnp.int32)
-    grad_floats = num_params(params) * (2 if per_class > 1 else 1)
+    copies = 2 if per_class > 1 else 1  # per-example gradients alive at once ("true": the sum and one class's)
     layers = factored_layers(apply_with_taps, params, x, task_id)
     if not layers:
-        chunk = chunk_size_for(n, grad_floats, chunk_size)
+        chunk = chunk_size_for(n, num_params(params) * copies, chunk_size)
         return _fisher(apply_fn, params, None, x, y, task_id, seed, num_active, variant=variant, chunk=chunk)
     merged = MergedApply(apply_fn, params)
     rest, fixed = merged.split(params, layers)
@@ -148,7 +148,7 @@ def diagonal_fisher(
         apply_with_taps, params, x, y, task_id, seed, num_active, variant=variant, chunk=chunk, layers=layers
     )
     if rest:
-        chunk = chunk_size_for(n, num_params(rest) * (2 if per_class > 1 else 1), chunk_size)
+        chunk = chunk_size_for(n, num_params(rest) * copies, chunk_size)
         out.update(_fisher(merged, rest, fixed, x, y, task_id, seed, num_active, variant=variant, chunk=chunk))
     return merged.unflatten(out)
 
