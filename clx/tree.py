@@ -25,6 +25,11 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
+def by_path(tree) -> dict[str, Any]:
+    """``{path_str(key path): leaf}`` for every leaf of ``tree``, in flattening order."""
+    return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def concrete(value: Any) -> np.ndarray | None:
     """``value`` as a NumPy array when it is concrete, None when it is traced (inside jit/vmap).
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ from flax import nnx
 
 from clx.models._cnn import _apply_head, _as_images, _check_sizes, _head
 from clx.models._mlp import _INITS
-from clx.tree import path_str
+from clx.tree import by_path, path_str
 
 # The position embedding and the class token start as N(0, 0.02^2): the original ViT's
 # ``posemb_init`` (vit_jax ``AddPositionEmbs``; its class token starts at zero) and
@@ -293,10 +292,6 @@ def _pure_params(model_or_params) -> dict:
     return model_or_params
 
 
-def _flat(tree) -> dict[str, Any]:
-    return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def save_params(directory: str | os.PathLike, params, *, overwrite: bool = False) -> str:
     """Saves a params pytree (or an ``nnx.Module``'s ``nnx.Param`` state) to an orbax checkpoint.
 
@@ -321,7 +316,7 @@ def save_params(directory: str | os.PathLike, params, *, overwrite: bool = False
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"save_params: {path!r} exists; pass overwrite=True or choose a new directory.")
     tree = _pure_params(params)
-    bad = [k for k, v in _flat(tree).items() if not hasattr(v, "shape")]
+    bad = [k for k, v in by_path(tree).items() if not hasattr(v, "shape")]
     if bad:
         raise ValueError(f"save_params: leaves {bad[:5]} are not arrays; pass a params pytree of arrays.")
     host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
@@ -356,8 +351,8 @@ def load_params(directory: str | os.PathLike, like) -> dict:
         raise FileNotFoundError(f"load_params: no checkpoint directory {path!r}; save one with save_params first.")
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _pure_params(like))
     with ocp.StandardCheckpointer() as ckptr:
-        saved = _flat(ckptr.metadata(path).item_metadata.tree)
-        want = _flat(target)
+        saved = by_path(ckptr.metadata(path).item_metadata.tree)
+        want = by_path(target)
         problems = _mismatches(
             missing=sorted(set(want) - set(saved)),
             unused=sorted(set(saved) - set(want)),
@@ -487,7 +482,7 @@ def hf_vit_name_map(model: ViT, prefix: str = "", classifier: str | None = "clas
 
 def _map_helpers(model: nnx.Module, prefix: str):
     """``linear`` and ``norm`` map-entry builders (PyTorch name, clx path); a bias only where the model has one."""
-    have = set(_flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    have = set(by_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
     def linear(torch_name: str, path: str, conv: str = "linear") -> dict:
         out = {f"{prefix}{torch_name}.weight": (f"{path}/kernel", conv)}
@@ -642,7 +637,7 @@ def from_safetensors(
         raise ValueError(f"from_safetensors: unknown conversions {bad_conv}; use {sorted(CONVERSIONS)} or a function.")
     tensors = load_file(p)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    want = _flat(params)
+    want = by_path(params)
     kept = {k for k in want if any(k == q or k.startswith(q.rstrip("/") + "/") for q in keep)}
     loaded: dict[str, np.ndarray] = {}
     shapes, unknown_targets = [], []

@@ -128,7 +128,7 @@ from clx.plasticity._units import (
     summed_out,
     unit_mean,
 )
-from clx.tree import concrete_float, path_str
+from clx.tree import by_path, concrete_float
 
 _UTILITIES = ("contribution", "adaptable_contribution")
 
@@ -238,8 +238,8 @@ def cbp(
         need_taps(who, layer_inputs, hidden)
         need_key(who, key)
         steps, inner = optimizer.update(updates, state.inner, params)
-        flat_p = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-        flat_u = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(steps)[0]}
+        flat_p = by_path(params)
+        flat_u = by_path(steps)
         base = jax.random.fold_in(key, seed)
         util, mean_act, age, pending = dict(state.utility), dict(state.mean_act), dict(state.age), dict(state.pending)
         todo = []  # (index in hidden, layer, slots, count n, u, f, a, corr, w_out) of layers that may replace

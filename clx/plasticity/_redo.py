@@ -73,7 +73,7 @@ from clx.plasticity._units import (
     reset_units,
     tap_units,
 )
-from clx.tree import path_str
+from clx.tree import by_path
 
 _EPS = 1e-9  # the official code's guard: score /= mean(score) + 1e-9
 
@@ -158,7 +158,7 @@ def redo(
         need_key(who, key)
         steps, inner = optimizer.update(updates, state.inner, params)
         count = state.count + 1
-        flat_p = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat_p = by_path(params)
         taps = {h.out: layer_inputs[h.out] for h in hidden}
 
         def recycle(steps, inner):

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clx.tree import concrete_float, path_str
+from clx.tree import by_path, concrete_float, path_str
 
 #: Bound b of the uniform U(-b, b) a fresh input weight is drawn from, by fan_in d and fan_out m (for a Conv
 #: layer d = kh kw c_in and m = kh kw c_out, as torch's and Flax's initializers count them). "kaiming":
@@ -139,7 +139,7 @@ def hidden_layers(who: str, params, layers: tuple[str, ...] | None) -> tuple[Hid
         followed by a layer of another size); a Conv layer with a possible normalization layer after it
         (a 1-D ``scale`` leaf of its channel count); no hidden layer at all.
     """
-    flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = by_path(params)
     kernels = [k for k, x in flat.items() if k.endswith("kernel") and jnp.ndim(x) in (2, 4)]
     found, why = {}, {}
     for a, b in zip(kernels, kernels[1:]):
@@ -316,8 +316,8 @@ def reset_units(steps, params, inner, layers, selections, fresh, absorb=None):
     (Adam's mu and nu, momentum's trace, ...) gets 0 at the input weights, input bias and outgoing weights
     of the selected units; its other leaves (step counts) are kept.
     """
-    flat_steps = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(steps)[0]}
-    flat_params = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat_steps = by_path(steps)
+    flat_params = by_path(params)
     for i, (h, sel) in enumerate(zip(layers, selections)):
         u, p = flat_steps[h.kernel], flat_params[h.kernel]
         flat_steps[h.kernel] = _put_in(

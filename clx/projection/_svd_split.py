@@ -70,7 +70,7 @@ import optax
 
 from clx.core import ContinualTransformation, Evidence
 from clx.projection._common import check_finite, kernel_paths
-from clx.tree import concrete_float, path_str
+from clx.tree import by_path, concrete_float, path_str
 
 RANK_RULES = ("fraction", "adaptive")
 
@@ -192,7 +192,7 @@ def svd_split(
         return kernel_paths(params, layers, who=name)
 
     def kernels(params) -> dict[str, jax.Array]:
-        flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat = by_path(params)
         return {p: jnp.asarray(flat[p], jnp.float32).reshape(shape) for p, shape in chosen(params)}
 
     def decompose(mats: dict[str, jax.Array]):

@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from clx.tree import check_nonnegative, check_positive, concrete_float, path_str  # noqa: F401 (re-exported)
+from clx.tree import by_path, check_nonnegative, check_positive, concrete_float  # noqa: F401 (re-exported)
 
 #: Floats one chunk of per-example gradients may hold (64 MiB of float32) when no chunk size is given.
 CHUNK_FLOATS = 2**24
@@ -120,7 +120,7 @@ def factored_layers(apply_with_taps, params, x, task_id) -> tuple:
     accepted), their kernel a leaf of ``params``."""
     if apply_with_taps is None:
         return ()
-    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = by_path(params)
     kernels = set(leaves)
     try:
         for b in range(1, min(2, x.shape[0]) + 1):
@@ -137,21 +137,21 @@ def factored_layers(apply_with_taps, params, x, task_id) -> tuple:
 def factored_floats(params, layers, rows_per_example: int) -> int:
     """Floats one example holds on the factored way: its inputs to the layers and ``rows_per_example`` rows of
     their widths (deltas, squares)."""
-    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = by_path(params)
     inputs = sum(math.prod(leaves[k].shape[:-1]) for k, _ in layers)
     return inputs + rows_per_example * sum(leaves[k].shape[-1] for k, _ in layers)
 
 
 def zero_perturbations(params, layers, b: int) -> dict:
     """``{kernel path: (b, m) zeros}``: the perturbations whose gradient is each layer's delta."""
-    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = by_path(params)
     return {k: jnp.zeros((b, leaves[k].shape[-1]), jnp.float32) for k, _ in layers}
 
 
 def sum_factored(rows: Callable, inputs: Callable, params, layers, x, extras: tuple, chunk: int) -> dict:
     """``{path: sum over the examples}`` for the kernels and biases of ``layers``: ``inputs(X)^T R`` and ``sum_i R_i``,
     where ``rows(x_c, i_c, *extras_c) -> (taps, R)`` gives a chunk's layer inputs and its (b, m) rows per layer."""
-    leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = by_path(params)
     template = {p: jnp.zeros(leaves[p].shape, jnp.float32) for k, b in layers for p in (k, b) if p}
 
     def per_chunk(xc, ic, wc, *ec):
@@ -173,8 +173,7 @@ class MergedApply:
     arguments."""
 
     def __init__(self, apply_fn, params):
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
-        self.apply_fn, self.paths = apply_fn, tuple(path_str(p) for p, _ in flat)
+        self.apply_fn, self.treedef, self.paths = apply_fn, jax.tree.structure(params), tuple(by_path(params))
 
     def _key(self):
         return self.apply_fn, self.treedef, self.paths
@@ -187,12 +186,12 @@ class MergedApply:
 
     def split(self, params, layers) -> tuple[dict, dict]:
         """``(rest, fixed)``: the params the factored way leaves, and those it covers."""
-        leaves = dict(zip(self.paths, jax.tree.leaves(params)))
+        leaves = by_path(params)
         covered = {p for k, b in layers for p in (k, b) if p}
         return {p: v for p, v in leaves.items() if p not in covered}, {p: leaves[p] for p in covered}
 
-    def unflatten(self, by_path: dict):
-        return jax.tree_util.tree_unflatten(self.treedef, [by_path[p] for p in self.paths])
+    def unflatten(self, leaves: dict):
+        return jax.tree_util.tree_unflatten(self.treedef, [leaves[p] for p in self.paths])
 
     def __call__(self, both, x, task_id):
         return self.apply_fn(self.unflatten({**both[0], **both[1]}), x, task_id)
