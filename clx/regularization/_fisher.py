@@ -80,13 +80,6 @@ def check_variant(who: str, variant: str) -> str:
     return variant
 
 
-def _log_probs(apply_fn, params, x_i, task_id, num_active):
-    logits = apply_fn(params, x_i[None], task_id)[0]
-    if num_active is not None:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < num_active, logits, MASKED_LOGIT)
-    return jax.nn.log_softmax(logits)
-
-
 def diagonal_fisher(
     apply_fn: Callable,
     params,
